@@ -1,0 +1,93 @@
+"""Reading and checking the shard format described in FORMAT.md (readers live here; the writer in shards.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+FORMAT_NAME = "zerotune-shards"
+FORMAT_VERSION = 1
+SPLITS = ("train", "validation", "test")
+ARRAYS = ("input_ids", "labels", "position_ids", "offsets")
+IGNORE_INDEX = -100
+
+
+class ManifestError(ValueError):
+    """A prepared-data folder that is missing, incomplete, of an unknown version, or corrupt."""
+
+    user_error = True
+
+
+def load_manifest(data_dir: str | Path) -> dict:
+    """Load and check ``manifest.json`` of a prepared-data folder."""
+    path = Path(data_dir) / "manifest.json"
+    if not path.is_file():
+        raise ManifestError(f"{path} not found: run `zerotune prep CONFIG` first (a folder without a manifest "
+                            f"is incomplete)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"{path} is not valid JSON ({exc}); delete {Path(data_dir)} and run "
+                            f"`zerotune prep` again") from None
+    if manifest.get("format") != FORMAT_NAME or manifest.get("format_version") != FORMAT_VERSION:
+        raise ManifestError(f"{path}: format {manifest.get('format')!r} version {manifest.get('format_version')!r}"
+                            f" is not readable here (reads {FORMAT_NAME} version {FORMAT_VERSION}); "
+                            f"run `zerotune prep` again")
+    return manifest
+
+
+def shard_files(data_dir: str | Path, split: str, shard_name: str) -> dict[str, Path]:
+    base = Path(data_dir) / split
+    return {name: base / f"{shard_name}.{name}.npy" for name in ARRAYS}
+
+
+def shard_checksum(files: dict[str, Path]) -> str:
+    """sha256 over the shard's four .npy files' bytes, in ARRAYS order."""
+    h = hashlib.sha256()
+    for name in ARRAYS:
+        with open(files[name], "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class Shard:
+    """One shard, memory-mapped. ``sequence(i)`` returns views, never copies the whole shard."""
+
+    name: str
+    input_ids: np.ndarray
+    labels: np.ndarray
+    position_ids: np.ndarray
+    offsets: np.ndarray
+
+    @classmethod
+    def open(cls, data_dir: str | Path, split: str, shard_name: str) -> "Shard":
+        files = shard_files(data_dir, split, shard_name)
+        arrays = {k: np.load(p, mmap_mode="r") for k, p in files.items()}
+        return cls(name=shard_name, **arrays)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def sequence(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        lo, hi = int(self.offsets[i]), int(self.offsets[i + 1])
+        return self.input_ids[lo:hi], self.labels[lo:hi], self.position_ids[lo:hi]
+
+
+def verify_shards(data_dir: str | Path, manifest: dict | None = None) -> None:
+    """Recompute every shard's checksum against the manifest; raise ManifestError naming the first bad one."""
+    manifest = manifest or load_manifest(data_dir)
+    for split, info in manifest["splits"].items():
+        for shard in info["shards"]:
+            files = shard_files(data_dir, split, shard["name"])
+            missing = [str(p) for p in files.values() if not p.is_file()]
+            if missing:
+                raise ManifestError(f"shard {split}/{shard['name']} is missing {missing[0]}; run `zerotune prep` again")
+            if shard_checksum(files) != shard["sha256"]:
+                raise ManifestError(f"shard {split}/{shard['name']} in {data_dir} does not match its checksum in "
+                                    f"manifest.json (corrupt or changed); run `zerotune prep` again")
