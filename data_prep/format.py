@@ -91,3 +91,15 @@ def verify_shards(data_dir: str | Path, manifest: dict | None = None) -> None:
             if shard_checksum(files) != shard["sha256"]:
                 raise ManifestError(f"shard {split}/{shard['name']} in {data_dir} does not match its checksum in "
                                     f"manifest.json (corrupt or changed); run `zerotune prep` again")
+
+
+def tokenizer_hash(tokenizer) -> str:
+    """sha256 of a tokenizer's vocabulary and special tokens (the manifest's ``tokenizer.hash``).
+
+    Training compares it with its own tokenizer's and refuses shards made by another one.
+    """
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    special = {"map": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
+               "added": sorted((int(i), str(t)) for i, t in tokenizer.added_tokens_decoder.items())}
+    blob = json.dumps({"vocab": vocab, "special": special}, ensure_ascii=False, sort_keys=True)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()

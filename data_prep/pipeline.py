@@ -1,0 +1,292 @@
+"""`zerotune prep`: raw files -> clean -> template + tokenize -> split -> pack -> shards + manifest + report.
+
+:func:`prepare` is the whole pipeline. It first computes the cache key (input bytes, tokenizer, template,
+settings); when the folder at data.output_dir already holds a manifest with that key it does nothing.
+Otherwise it builds everything in a temporary sibling folder and renames it into place only when complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from . import report as report_mod
+from .clean import clean_batch, clean_features, first_occurrences
+from .errors import DataError
+from .format import FORMAT_NAME, FORMAT_VERSION, SPLITS, tokenizer_hash
+from .pack import assign_to_shards, no_packing, pack_best_fit, packing_efficiency
+from .readers import Source, expand_sources, read_source, resolve_record_type, row_label
+from .shards import write_shard
+from .split import SPLIT_IDS, assign_splits, cross_split_overlap
+from .template import Templater, token_features, tokenize_batch
+
+# Bump when a change here changes the output for the same inputs, so old caches are rebuilt.
+PIPELINE_VERSION = 1
+DROP_REASONS = ("empty_field", "duplicate", "too_long", "no_supervised_tokens")
+# Settings that change how fast prep runs but never what it writes: left out of the cache key.
+NON_OUTPUT_SETTINGS = ("output_dir", "num_proc", "map_batch_size")
+
+
+def prepare(cfg, tokenizer_path: str, force: bool = False) -> dict:
+    """Prepare ``cfg.sources`` (a DataConfig) into shards under ``cfg.output_dir``; returns the manifest."""
+    out_dir = Path(cfg.output_dir)
+    tokenizer = load_tokenizer(tokenizer_path)
+    sources = expand_sources(cfg.sources)
+    key_parts = cache_key_parts(cfg, sources, tokenizer, tokenizer_path)
+    cache_key = _sha256_json(key_parts)
+    existing = _complete_manifest(out_dir)
+    if existing and existing.get("cache_key") == cache_key and not force:
+        print(f"zerotune prep: {out_dir} is up to date (cache key {cache_key[:12]}: same inputs, tokenizer, "
+              f"template and settings); nothing to do. Use --force to rebuild.")
+        return existing
+    _check_replaceable(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        os.chmod(work, 0o777 & ~_umask())  # mkdtemp makes it private; the published folder should not be
+        manifest, report = _build(cfg, tokenizer, tokenizer_path, sources, key_parts, cache_key, work)
+        _publish(work, out_dir)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    report_mod.print_summary(manifest, report, out_dir)
+    return manifest
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def load_tokenizer(path: str):
+    """The fast tokenizer of model.name_or_path (a DataError when it cannot be loaded or is not fast)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except Exception as exc:  # noqa: BLE001 - any load failure is the user's path or files
+        raise DataError(f"model.name_or_path {path!r}: cannot load its tokenizer ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''}); point it at a model folder or hub name "
+                        f"with tokenizer files") from None
+    if not getattr(tok, "is_fast", False):
+        raise DataError(f"model.name_or_path {path!r}: its tokenizer is not a fast (Rust) tokenizer, which prep "
+                        f"needs for batched offsets; provide tokenizer.json")
+    return tok
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _sha256_json(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def cache_key_parts(cfg, sources: list[Source], tokenizer, tokenizer_path: str) -> dict:
+    """Everything the output depends on: input bytes, tokenizer, template and prep settings."""
+    inputs = [{"path": str(p), "bytes": p.stat().st_size, "sha256": _sha256_file(p)}
+              for src in sources for p in src.files()]
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NON_OUTPUT_SETTINGS}
+    chat_template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else \
+        json.dumps(tokenizer.chat_template, sort_keys=True)
+    return {
+        "pipeline_version": PIPELINE_VERSION, "format_version": FORMAT_VERSION, "inputs": inputs,
+        "tokenizer": {"name_or_path": str(tokenizer_path), "vocab_size": len(tokenizer),
+                      "hash": tokenizer_hash(tokenizer),
+                      "backend_sha256": hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()},
+        "template": {"kind": cfg.template, "format_string": cfg.format_string, "train_on_prompt": cfg.train_on_prompt,
+                     "system_prompt": cfg.system_prompt,
+                     "chat_template_hash": hashlib.sha256((chat_template or "").encode()).hexdigest()},
+        "settings": settings,
+    }
+
+
+def _complete_manifest(out_dir: Path) -> dict | None:
+    try:
+        return json.loads((out_dir / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _check_replaceable(out_dir: Path) -> None:
+    if out_dir.exists() and (not out_dir.is_dir() or
+                             (any(out_dir.iterdir()) and not (out_dir / "manifest.json").is_file())):
+        raise DataError(f"data.output_dir {out_dir} exists and is not a prepared-data folder (no manifest.json); "
+                        f"prep only replaces its own output: remove it or choose another data.output_dir")
+
+
+def _publish(work: Path, out_dir: Path) -> None:
+    """Rename the finished folder into place; an older complete one is removed only afterwards."""
+    shutil.rmtree(work / "_cache", ignore_errors=True)
+    old = None
+    if out_dir.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        os.replace(out_dir, old / "prev")
+    os.replace(work, out_dir)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+class RowLocator:
+    """Names a row of a source for error messages (picklable, for datasets' worker processes)."""
+
+    def __init__(self, sources: list[Source]):
+        self.sources = sources
+
+    def __call__(self, src_id: int, row: int) -> str:
+        return row_label(self.sources[src_id], row)
+
+
+def _map_kwargs(cfg, cache: Path, stage: str, fingerprint: str) -> dict:
+    # Explicit cache files keep datasets from writing next to the inputs (save_to_disk folders).
+    return {"batched": True, "batch_size": cfg.map_batch_size, "num_proc": cfg.num_proc if cfg.num_proc > 1 else None,
+            "cache_file_name": str(cache / f"{stage}.arrow"), "new_fingerprint": f"{stage}-{fingerprint}"}
+
+
+def read_and_clean(cfg, sources: list[Source], cache: Path, fingerprint: str):
+    """Read every source and clean it into the canonical columns; returns (dataset, record type, rows per source)."""
+    import datasets
+
+    cleaned, kinds = [], []
+    for src_id, src in enumerate(sources):
+        raw = read_source(src, cache / "read", cfg.num_proc)
+        kind = resolve_record_type(raw.column_names, cfg, src)
+        kinds.append(kind)
+        if kind != kinds[0]:
+            raise DataError(f"{src.path} holds {kind} records but {sources[0].path} holds {kinds[0]}; every source "
+                            f"must have one record shape: set data.record_type or split the run")
+        names = {"prompt_response": {"prompt": ("data.prompt_column", cfg.prompt_column),
+                                     "response": ("data.response_column", cfg.response_column)},
+                 "messages": {"messages": ("data.messages_column", cfg.messages_column)},
+                 "text": {"text": ("data.text_column", cfg.text_column)}}[kind]
+        cleaned.append(raw.map(
+            clean_batch, with_indices=True, remove_columns=raw.column_names, features=clean_features(kind),
+            fn_kwargs={"kind": kind, "columns": names, "src": src, "src_id": src_id},
+            desc=f"clean {src.path.name}", **_map_kwargs(cfg, cache, f"clean-{src_id}", fingerprint)))
+    ds = cleaned[0] if len(cleaned) == 1 else datasets.concatenate_datasets(cleaned)
+    return ds, kinds[0]
+
+
+def column(ds, name: str) -> np.ndarray:
+    """One column as a numpy array, read in Arrow batches (respects a selection; no Python objects)."""
+    parts = [b.column(name).to_numpy(zero_copy_only=False)
+             for b in ds.select_columns([name]).with_format("arrow").iter(batch_size=100_000)]
+    return np.concatenate(parts) if parts else np.array([])
+
+
+def _count_by_split(split_ids: np.ndarray, mask: np.ndarray) -> dict[str, int]:
+    return {name: int(((split_ids == sid) & mask).sum()) for name, sid in SPLIT_IDS.items()}
+
+
+def _empty_data_error(drops: dict, rows_read: dict) -> DataError:
+    lines = ", ".join(f"{reason} {sum(d[reason] for d in drops.values())}" for reason in DROP_REASONS)
+    return DataError(f"no training rows left after cleaning: {sum(rows_read.values())} rows read, dropped: {lines}; "
+                     f"check the column settings (data.*_column), data.seq_len and data.excess_length, "
+                     f"and that data.validation_fraction + data.test_fraction leave rows for training")
+
+
+def _drop_clean_rows(ds, split_ids: np.ndarray, drops: dict) -> np.ndarray:
+    """Row indices that survive empty-field and duplicate drops (counted into ``drops`` per split)."""
+    empty = column(ds, "_drop") == "empty_field"
+    hashes = column(ds, "_hash")
+    nonempty = np.flatnonzero(~empty)
+    duplicate = np.zeros(len(hashes), dtype=bool)
+    duplicate[nonempty] = ~first_occurrences(hashes[nonempty])
+    for name, n in _count_by_split(split_ids, empty).items():
+        drops[name]["empty_field"] = n
+    for name, n in _count_by_split(split_ids, duplicate).items():
+        drops[name]["duplicate"] = n
+    return np.flatnonzero(~empty & ~duplicate)
+
+
+def _tokenize(cfg, docs, kind: str, tokenizer, sources, cache: Path, fingerprint: str):
+    templater = Templater(tokenizer, cfg, kind)
+    overhead = templater.overhead_tokens()
+    if overhead >= cfg.seq_len:
+        raise DataError(f"data.seq_len {cfg.seq_len} is too small: the template's own tokens (and EOS) take "
+                        f"{overhead}, leaving no room for data; raise data.seq_len well above {overhead}")
+    return docs.map(tokenize_batch, remove_columns=docs.column_names, features=token_features(),
+                    fn_kwargs={"templater": templater, "seq_len": cfg.seq_len, "excess_length": cfg.excess_length,
+                               "where": RowLocator(sources)},
+                    desc="template + tokenize", **_map_kwargs(cfg, cache, "tokenize", fingerprint))
+
+
+def _write_split(cfg, tok, work: Path, split: str, doc_idx: np.ndarray, lengths: np.ndarray) -> dict:
+    from tqdm.auto import tqdm
+
+    local = pack_best_fit(lengths[doc_idx], cfg.seq_len) if cfg.packing else no_packing(len(doc_idx))
+    sequences = [[int(doc_idx[i]) for i in seq] for seq in local]
+    shards = []
+    for s, members in enumerate(tqdm(assign_to_shards(len(sequences), cfg.num_shards), desc=f"write {split}",
+                                     unit="shard", leave=False)):
+        shards.append(write_shard(tok, work, split, f"shard-{s:05d}", [sequences[i] for i in members], lengths))
+    tokens = int(lengths[doc_idx].sum())
+    return {"documents": int(len(doc_idx)), "tokens": tokens,
+            "supervised_tokens": sum(s["supervised_tokens"] for s in shards), "sequences": len(sequences),
+            "packing_efficiency": round(packing_efficiency(tokens, len(sequences), cfg.seq_len), 6), "shards": shards}
+
+
+def _build(cfg, tokenizer, tokenizer_path, sources, key_parts, cache_key, work: Path) -> tuple[dict, dict]:
+    cache = work / "_cache"
+    ds, kind = read_and_clean(cfg, sources, cache, cache_key[:16])
+    split_ids = assign_splits(column(ds, "_hash"), cfg.validation_fraction, cfg.test_fraction)
+    rows_read = _count_by_split(split_ids, np.ones(len(split_ids), dtype=bool))
+    drops = {name: dict.fromkeys(DROP_REASONS, 0) for name in SPLITS}
+    kept = _drop_clean_rows(ds, split_ids, drops)
+    docs = ds.select(kept)
+    tok = _tokenize(cfg, docs, kind, tokenizer, sources, cache, cache_key[:16])
+    split_kept = split_ids[kept]
+    reason = column(tok, "_drop2")
+    for r in ("too_long", "no_supervised_tokens"):
+        for name, n in _count_by_split(split_kept, reason == r).items():
+            drops[name][r] = n
+    final = reason == ""
+    if not _count_by_split(split_kept, final)["train"]:
+        raise _empty_data_error(drops, rows_read)
+    lengths, truncated = column(tok, "n_tokens").astype(np.int64), column(tok, "truncated")
+    splits = {}
+    for name, sid in SPLIT_IDS.items():
+        doc_idx = np.flatnonzero(final & (split_kept == sid))
+        info = _write_split(cfg, tok, work, name, doc_idx, lengths)
+        splits[name] = {"rows_read": rows_read[name], "rows_dropped": drops[name],
+                        "truncated_documents": int(truncated[doc_idx].sum()), **info}
+    manifest = _manifest(cfg, key_parts, cache_key, splits, kind)
+    facts = report_mod.Facts(
+        kind=kind, seq_len=cfg.seq_len, raw_lengths=column(tok, "n_tokens_raw"),
+        overlap=cross_split_overlap(column(docs, "_phash"), split_kept),
+        prefix_hashes=column(docs, "_pprefix"), params=report_mod.count_params(tokenizer_path))
+    report = report_mod.build_report(manifest, facts)
+    (work / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    report_mod.plot_lengths(facts.raw_lengths, cfg.seq_len, work / "lengths.png")
+    # The manifest goes last: a folder is complete only when it has one.
+    (work / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    return manifest, report
+
+
+def _manifest(cfg, key_parts: dict, cache_key: str, splits: dict, kind: str) -> dict:
+    tokens = sum(s["tokens"] for s in splits.values())
+    sequences = sum(s["sequences"] for s in splits.values())
+    template = {k: key_parts["template"][k] for k in ("format_string", "train_on_prompt", "chat_template_hash")}
+    template["kind"] = "text" if kind == "text" else cfg.template
+    return {
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "cache_key": cache_key,
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "seq_len": cfg.seq_len, "packing": cfg.packing,
+        "packing_efficiency": round(packing_efficiency(tokens, sequences, cfg.seq_len), 6),
+        "record_type": kind,
+        "tokenizer": {k: key_parts["tokenizer"][k] for k in ("name_or_path", "vocab_size", "hash")},
+        "template": template, "settings": dataclasses.asdict(cfg), "inputs": key_parts["inputs"], "splits": splits,
+    }
