@@ -88,6 +88,7 @@ _EXTRA_COMMANDS: list[Callable] = []
 def _register_optional() -> None:
     import importlib
 
+    _EXTRA_COMMANDS.clear()  # main() may run more than once in one process (tests)
     for module in ("training.export_cli", "launcher.plan_cli", "launcher.launch_cli", "launcher.slurm_cli"):
         try:
             mod = importlib.import_module(module)

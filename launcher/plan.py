@@ -1,0 +1,287 @@
+"""`zerotune plan`: parameters, per-GPU memory for each ZeRO stage, the stage to use, and batch arithmetic.
+
+Sources of the formulas (bytes, per GPU, N = data-parallel GPUs, P = parameters, L = largest layer's
+parameters):
+  * Model states, mixed precision Adam: DeepSpeed's own estimators
+    (``estimate_zero2_model_states_mem_needs`` and ``estimate_zero3_model_states_mem_needs``):
+    16-bit params 2P, 16-bit grads 2P, and 16P of fp32 grads, fp32 master params and Adam moments.
+    stage 0: 20P; stage 1: 4P + 16P/N; stage 2: 2P + 18P/N; stage 3: 4L + 18P/N;
+    stage 3 + offload (optimizer and params on CPU): 4L on the GPU, 18P/nodes x 1.5 in each node's RAM.
+    In fp32 (no 16-bit copies): 16P in all, partitioned the same way.
+  * Activations: Korthikanti et al., "Reducing Activation Recomputation in Large Transformer Models"
+    (2022), eq. 1 without tensor parallelism: per layer s*b*h*(34 + 5*a*s/h) bytes in 16-bit. The
+    5*a*s/h term is the attention score matrix, which fused attention (sdpa, flash) does not keep, so it
+    is counted only for ``attn_implementation: eager``. With gradient checkpointing a layer keeps only its
+    16-bit input (2*s*b*h) and one layer at a time is recomputed in full. fp32 doubles every figure.
+  * Logits: b*s*vocab fp32 values and their gradient: 8*b*s*vocab bytes.
+  * Overhead: CUDA context, communication buckets and allocator fragmentation, stated as
+    ``OVERHEAD_FIXED_GB`` plus ``OVERHEAD_FRACTION`` of everything else.
+  * Time: 6*P FLOPs per trained token (forward + backward; Kaplan et al. 2020) plus 12*layers*h*s for
+    attention (PaLM appendix B), at ``mfu`` of a stated peak (989 TFLOP/s dense bf16 on an H100 SXM).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+GB = 1024**3
+OVERHEAD_FIXED_GB = 1.0
+OVERHEAD_FRACTION = 0.10
+OFFLOAD_BUFFER_FACTOR = 1.5  # DeepSpeed's additional_buffer_factor default
+DEFAULT_PEAK_TFLOPS = 989.0
+DEFAULT_MFU = 0.40
+# The order `deepspeed.zero_stage: auto` tries: fastest first.
+AUTO_ORDER = ((0, False), (1, False), (2, False), (3, False), (3, True))
+
+
+class PlanError(RuntimeError):
+    """A model config that cannot be read, or hardware figures that make no sense."""
+
+    user_error = True
+
+
+@dataclass
+class ModelShape:
+    """What the memory model needs from a Hugging Face config."""
+
+    params: int
+    largest_layer_params: int
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    vocab_size: int
+    model_type: str
+
+
+@dataclass
+class StageEstimate:
+    """Per-GPU (and per-node CPU) memory for one ZeRO stage."""
+
+    stage: int
+    offload: bool
+    model_states_gb: float
+    activations_gb: float
+    logits_gb: float
+    overhead_gb: float
+    total_gb: float
+    cpu_gb_per_node: float
+    fits: bool
+    why: str = ""
+
+
+@dataclass
+class Plan:
+    """Everything `zerotune plan` reports."""
+
+    model: dict
+    hardware: dict
+    params: int
+    stages: list[StageEstimate]
+    chosen: dict | None
+    reason: str
+    batch: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+# --------------------------------------------------------------------------- model shape
+
+
+def model_shape(name_or_path: str, trust_remote_code: bool = False) -> ModelShape:
+    """Count parameters of any causal LM from its config alone: weights are built on the meta device."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise PlanError(f"model.name_or_path {name_or_path!r}: cannot read its config.json ({exc})") from None
+    # The meta device allocates nothing; unlike accelerate's init_empty_weights it keeps tied weights tied.
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    # Tied weights (embeddings and LM head) are one tensor: count each once, as DeepSpeed does.
+    params = sum({id(p): p.numel() for p in model.parameters()}.values())
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return ModelShape(params=params, largest_layer_params=largest, num_layers=text.num_hidden_layers,
+                      hidden_size=text.hidden_size, num_heads=text.num_attention_heads,
+                      vocab_size=text.vocab_size, model_type=config.model_type)
+
+
+# --------------------------------------------------------------------------- memory model
+
+
+def model_states_bytes(params: int, largest_layer_params: int, stage: int, offload: bool,
+                       total_gpus: int, num_nodes: int, mixed_precision: bool = True) -> tuple[int, int]:
+    """(GPU bytes per GPU, CPU bytes per node) for params, grads and Adam states; see module docstring."""
+    n = total_gpus
+    if not mixed_precision:
+        per_gpu = {0: 16 * params, 1: 8 * params + 8 * params // n, 2: 4 * params + 12 * params // n,
+                   3: 4 * largest_layer_params + 16 * params // n}
+    else:
+        per_gpu = {0: 20 * params, 1: 4 * params + 16 * params // n, 2: 2 * params + 18 * params // n,
+                   3: 4 * largest_layer_params + 18 * params // n}
+    if not offload:
+        return per_gpu[stage], 0
+    if stage == 3:
+        cpu = params * 18 / num_nodes * OFFLOAD_BUFFER_FACTOR
+        return 4 * largest_layer_params, int(cpu)
+    if stage == 2:
+        return 2 * params, int(params * max(4 * n, 16) * OFFLOAD_BUFFER_FACTOR)
+    raise PlanError(f"CPU offload needs ZeRO stage 2 or 3, not {stage}")
+
+
+def activation_bytes(shape: ModelShape, micro_batch: int, seq_len: int, checkpointing: str,
+                     every_k: int = 2, attn_implementation: str = "sdpa", mixed_precision: bool = True) -> int:
+    """Activation memory of one micro batch (Korthikanti et al. 2022; see module docstring)."""
+    s, b, h, a = seq_len, micro_batch, shape.hidden_size, shape.num_heads
+    per_value = 34 + (5 * a * s / h if attn_implementation == "eager" else 0)
+    full_layer = s * b * h * per_value
+    kept_layer = 2 * s * b * h
+    layers = shape.num_layers
+    if checkpointing == "full":
+        total = layers * kept_layer + full_layer
+    elif checkpointing == "every_k":
+        ckpt = layers // max(1, every_k)
+        total = ckpt * kept_layer + (layers - ckpt) * full_layer + (full_layer if ckpt else 0)
+    else:
+        total = layers * full_layer
+    scale = 1 if mixed_precision else 2
+    return int(total * scale)
+
+
+def logits_bytes(vocab_size: int, micro_batch: int, seq_len: int) -> int:
+    """fp32 logits and their gradient for one micro batch."""
+    return 8 * micro_batch * seq_len * vocab_size
+
+
+def estimate_stages(shape: ModelShape, *, micro_batch: int, seq_len: int, checkpointing: str, every_k: int,
+                    attn_implementation: str, mixed_precision: bool, num_nodes: int, gpus_per_node: int,
+                    gpu_memory_gb: float, cpu_memory_gb: float) -> list[StageEstimate]:
+    """One StageEstimate per entry of AUTO_ORDER."""
+    total_gpus = num_nodes * gpus_per_node
+    act = activation_bytes(shape, micro_batch, seq_len, checkpointing, every_k, attn_implementation,
+                           mixed_precision)
+    logit = logits_bytes(shape.vocab_size, micro_batch, seq_len)
+    out = []
+    for stage, offload in AUTO_ORDER:
+        gpu, cpu = model_states_bytes(shape.params, shape.largest_layer_params, stage, offload, total_gpus,
+                                      num_nodes, mixed_precision)
+        subtotal = (gpu + act + logit) / GB
+        overhead = OVERHEAD_FIXED_GB + OVERHEAD_FRACTION * subtotal
+        total = subtotal + overhead
+        fits_gpu, fits_cpu = total <= gpu_memory_gb, cpu / GB <= cpu_memory_gb
+        why = "" if fits_gpu and fits_cpu else (
+            f"needs {total:.1f} GB per GPU > {gpu_memory_gb:g} GB" if not fits_gpu
+            else f"needs {cpu / GB:.1f} GB CPU per node > {cpu_memory_gb:g} GB")
+        out.append(StageEstimate(stage, offload, round(gpu / GB, 3), round(act / GB, 3), round(logit / GB, 3),
+                                 round(overhead, 3), round(total, 3), round(cpu / GB, 3),
+                                 fits_gpu and fits_cpu, why))
+    return out
+
+
+def choose_stage(stages: list[StageEstimate], requested) -> tuple[dict | None, str]:
+    """The configured stage, or with ``auto`` the fastest that fits; the reason in words."""
+    if requested not in (None, "auto"):
+        match = [s for s in stages if s.stage == requested and not s.offload]
+        est = match[0]
+        verdict = "fits" if est.fits else f"does NOT fit: {est.why}"
+        return {"stage": est.stage, "offload": False}, f"deepspeed.zero_stage {requested} as configured; {verdict}"
+    for est in stages:
+        if est.fits:
+            skipped = [f"{_label(s)} ({s.why})" for s in stages[:stages.index(est)]]
+            tail = f"; faster stages do not fit: {', '.join(skipped)}" if skipped else ""
+            return ({"stage": est.stage, "offload": est.offload},
+                    f"{_label(est)} is the fastest stage that fits ({est.total_gb:.1f} GB per GPU){tail}")
+    detail = ", ".join(f"{_label(s)} {s.why}" for s in stages)
+    return None, f"fits nowhere: {detail}; add GPUs or nodes, enable gradient checkpointing, or lower the micro batch"
+
+
+def _label(est: StageEstimate) -> str:
+    return f"ZeRO-{est.stage}{' + CPU offload' if est.offload else ''}"
+
+
+# --------------------------------------------------------------------------- batch arithmetic and time
+
+
+def batch_arithmetic(cfg, world_size: int, shape: ModelShape, peak_tflops: float, mfu: float) -> dict:
+    """Tokens per optimizer step, steps per epoch and in total (from the manifest if prepared), wall time."""
+    t = cfg.train
+    seqs_per_step = t.micro_batch_size * t.gradient_accumulation_steps * world_size
+    out = {"world_size": world_size, "sequences_per_step": seqs_per_step,
+           "max_tokens_per_step": seqs_per_step * cfg.data.seq_len,
+           "peak_tflops": peak_tflops, "mfu": mfu}
+    manifest_path = Path(cfg.data.output_dir) / "manifest.json"
+    if not manifest_path.is_file():
+        out["data"] = f"not prepared ({manifest_path} missing): run `zerotune prep` for steps and time"
+        steps = t.max_steps
+        tokens_per_step = out["max_tokens_per_step"]
+    else:
+        train = json.loads(manifest_path.read_text(encoding="utf-8"))["splits"]["train"]
+        # Every rank gets the same number of sequences; the remainder is dropped each epoch.
+        steps_per_epoch = train["sequences"] // seqs_per_step
+        tokens_per_step = int(train["tokens"] / max(1, train["sequences"]) * seqs_per_step)
+        steps = t.max_steps if t.max_steps is not None else t.epochs * steps_per_epoch
+        out.update(data=str(manifest_path), train_sequences=train["sequences"], train_tokens=train["tokens"],
+                   steps_per_epoch=steps_per_epoch)
+    out["tokens_per_step"] = tokens_per_step
+    out["total_steps"] = steps
+    flops_per_token = 6 * shape.params + 12 * shape.num_layers * shape.hidden_size * cfg.data.seq_len
+    if steps is not None:
+        seconds = steps * tokens_per_step * flops_per_token / (world_size * peak_tflops * 1e12 * mfu)
+        out["estimated_seconds"] = seconds
+        out["estimated_hours"] = round(seconds / 3600, 2)
+    return out
+
+
+def make_plan(cfg, num_nodes: int = 1, gpus_per_node: int = 8, gpu_memory_gb: float = 80.0,
+              cpu_memory_gb: float = 1024.0, peak_tflops: float = DEFAULT_PEAK_TFLOPS,
+              mfu: float = DEFAULT_MFU) -> Plan:
+    """Build the whole plan for a loaded RunConfig and the given hardware."""
+    if min(num_nodes, gpus_per_node) < 1 or min(gpu_memory_gb, cpu_memory_gb) <= 0:
+        raise PlanError("--nodes and --gpus-per-node must be >= 1, memory sizes > 0")
+    shape = model_shape(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    mixed = cfg.train.precision != "fp32"
+    stages = estimate_stages(shape, micro_batch=cfg.train.micro_batch_size, seq_len=cfg.data.seq_len,
+                             checkpointing=cfg.model.gradient_checkpointing,
+                             every_k=cfg.model.checkpoint_every_k_layers,
+                             attn_implementation=cfg.model.attn_implementation, mixed_precision=mixed,
+                             num_nodes=num_nodes, gpus_per_node=gpus_per_node, gpu_memory_gb=gpu_memory_gb,
+                             cpu_memory_gb=cpu_memory_gb)
+    chosen, reason = choose_stage(stages, cfg.deepspeed.zero_stage)
+    hardware = {"nodes": num_nodes, "gpus_per_node": gpus_per_node, "gpu_memory_gb": gpu_memory_gb,
+                "cpu_memory_gb": cpu_memory_gb}
+    batch = batch_arithmetic(cfg, num_nodes * gpus_per_node, shape, peak_tflops, mfu)
+    return Plan(model=asdict(shape), hardware=hardware, params=shape.params, stages=stages, chosen=chosen,
+                reason=reason, batch=batch)
+
+
+def format_plan(plan: Plan) -> str:
+    """The human-readable table."""
+    m, hw, b = plan.model, plan.hardware, plan.batch
+    lines = [f"model: {m['model_type']}, {plan.params:,} parameters ({plan.params / 1e9:.2f} B), "
+             f"{m['num_layers']} layers, hidden {m['hidden_size']}, vocab {m['vocab_size']}",
+             f"hardware: {hw['nodes']} node(s) x {hw['gpus_per_node']} GPU(s), {hw['gpu_memory_gb']:g} GB per GPU, "
+             f"{hw['cpu_memory_gb']:g} GB CPU per node", "",
+             f"{'stage':<22}{'states':>9}{'activ.':>9}{'logits':>9}{'overhd':>9}{'total':>9}{'CPU/node':>10}  fits",
+             "-" * 84]
+    for s in plan.stages:
+        lines.append(f"{_label(s):<22}{s.model_states_gb:>9.2f}{s.activations_gb:>9.2f}{s.logits_gb:>9.2f}"
+                     f"{s.overhead_gb:>9.2f}{s.total_gb:>9.2f}{s.cpu_gb_per_node:>10.1f}  {'yes' if s.fits else 'no'}")
+    lines += ["(GB per GPU; overhead = %.1f GB + %d%% of the rest)" % (OVERHEAD_FIXED_GB, OVERHEAD_FRACTION * 100),
+              "", f"chosen: {plan.reason}", "",
+              f"batch: {b['sequences_per_step']} sequences per optimizer step "
+              f"(micro x accumulation x {b['world_size']} ranks), ~{b['tokens_per_step']:,} tokens per step"]
+    if "steps_per_epoch" in b:
+        lines.append(f"data: {b['train_sequences']:,} training sequences -> {b['steps_per_epoch']} steps per epoch, "
+                     f"{b['total_steps']} steps in total")
+    else:
+        lines.append(f"data: {b['data']}")
+    if "estimated_hours" in b:
+        lines.append(f"time: ~{b['estimated_hours']:.2f} h at {b['mfu']:.0%} MFU of {b['peak_tflops']:g} TFLOP/s "
+                     f"per GPU (6 x params + attention FLOPs per token)")
+    return "\n".join(lines)
