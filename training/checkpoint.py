@@ -1,0 +1,152 @@
+"""Atomic checkpoints in the run directory, and finding the one to resume from.
+
+Layout (export reads it; keep it exactly)::
+
+    <output_dir>/checkpoints/<tag>/      tag = step-%08d
+        DeepSpeed's files (engine.save_checkpoint, save_latest=False)
+        zerotune_state.json              step, epoch, data position, hashes, eval losses (rank 0)
+        rng-rank<r>.safetensors          each rank's torch RNG state; python/numpy states in its metadata
+        probe.safetensors                fixed-batch logits, for export to verify consolidated weights
+        COMPLETE                         empty; written by rank 0 after every rank finished
+    <output_dir>/checkpoints/latest      text: the newest complete tag (temp file + os.replace)
+    <output_dir>/checkpoints/best        text: the tag with the best validation loss
+
+A checkpoint without ``COMPLETE`` is never loaded: a process killed during a save leaves one behind, and
+``latest`` still names the previous complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+STATE_FILE = "zerotune_state.json"
+COMPLETE_MARKER = "COMPLETE"
+TAG_PATTERN = re.compile(r"^step-(\d{8})$")
+
+
+class ResumeError(ValueError):
+    """A checkpoint that cannot be resumed by this run as configured (says what to do instead)."""
+
+    user_error = True
+
+
+def tag_for_step(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def checkpoint_root(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def is_complete(folder: Path) -> bool:
+    return (folder / COMPLETE_MARKER).is_file() and (folder / STATE_FILE).is_file()
+
+
+def write_pointer(root: Path, name: str, tag: str) -> None:
+    """Point ``root/name`` at ``tag`` atomically (rank 0 only)."""
+    tmp = root / f".{name}.tmp"
+    tmp.write_text(tag + "\n", encoding="utf-8")
+    os.replace(tmp, root / name)
+
+
+def read_pointer(root: Path, name: str) -> str | None:
+    """The tag ``root/name`` holds, or None when missing, unreadable or not naming a complete checkpoint."""
+    try:
+        tag = (root / name).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if TAG_PATTERN.match(tag) and is_complete(root / tag):
+        return tag
+    return None
+
+
+def complete_tags(root: Path) -> list[str]:
+    """Every complete tag under ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    tags = sorted(p.name for p in root.iterdir() if p.is_dir() and TAG_PATTERN.match(p.name))
+    return [t for t in tags if is_complete(root / t)]
+
+
+def find_resume_tag(root: Path) -> str | None:
+    """The tag to resume from: ``latest`` when it names a complete checkpoint, else the newest complete one.
+
+    Warns when ``latest`` is missing or corrupt while checkpoints exist, and when newer incomplete
+    checkpoints (a save that was interrupted) are skipped.
+    """
+    tags = complete_tags(root)
+    chosen = read_pointer(root, "latest")
+    if chosen is None and tags:
+        chosen = tags[-1]
+        warnings.warn(f"{root / 'latest'} is missing or does not name a complete checkpoint; resuming from "
+                      f"the newest complete one, {chosen}", stacklevel=2)
+    if chosen is not None:
+        newer = [p.name for p in root.iterdir() if p.is_dir() and TAG_PATTERN.match(p.name)
+                 and p.name > chosen and not is_complete(p)]
+        if newer:
+            warnings.warn(f"skipping incomplete checkpoint(s) {', '.join(sorted(newer))} in {root} (a save was "
+                          f"interrupted); resuming from {chosen}", stacklevel=2)
+    return chosen
+
+
+# --------------------------------------------------------------------------- RNG state
+
+
+def save_rng_state(path: Path) -> None:
+    """This rank's RNG states: torch (CPU and accelerator) as tensors, python and numpy in metadata."""
+    from safetensors.torch import save_file
+
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["torch_cuda"] = torch.cuda.get_rng_state()
+    py_version, py_state, py_gauss = random.getstate()
+    np_state = np.random.get_state()
+    meta = {"python": json.dumps([py_version, list(py_state), py_gauss]),
+            "numpy": json.dumps([np_state[0], np_state[1].tolist(), *[_plain(x) for x in np_state[2:]]])}
+    save_file(tensors, str(path), metadata=meta)
+
+
+def _plain(x):
+    return x.item() if hasattr(x, "item") else x
+
+
+def load_rng_state(path: Path) -> None:
+    """Restore what :func:`save_rng_state` wrote."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata()
+        torch.set_rng_state(fh.get_tensor("torch_cpu"))
+        if torch.cuda.is_available() and "torch_cuda" in fh.keys():
+            torch.cuda.set_rng_state(fh.get_tensor("torch_cuda"))
+    version, state, gauss = json.loads(meta["python"])
+    random.setstate((version, tuple(state), gauss))
+    name, keys, pos, has_gauss, cached = json.loads(meta["numpy"])
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+# --------------------------------------------------------------------------- pruning
+
+
+def prune(root: Path, keep_last: int, keep_tags: set[str]) -> list[str]:
+    """Delete all but the newest ``keep_last`` complete checkpoints and ``keep_tags``; returns the deleted.
+
+    Incomplete folders older than the newest complete one are left over from interrupted saves and go too.
+    """
+    tags = complete_tags(root)
+    keep = set(tags[-keep_last:]) | keep_tags
+    newest = tags[-1] if tags else ""
+    doomed = [p for p in root.iterdir() if p.is_dir() and TAG_PATTERN.match(p.name) and p.name not in keep
+              and (p.name in tags or p.name < newest)]
+    for folder in doomed:
+        shutil.rmtree(folder, ignore_errors=True)
+    return sorted(p.name for p in doomed)

@@ -1,0 +1,184 @@
+"""Rank-sharded, memory-mapped data loading and the collator.
+
+Each data-parallel rank reads only the sequences assigned to it (``assign_sequences``), straight from the
+memory-mapped shards (``data_prep.format.Shard``). Every rank gets the same number of sequences, so every
+rank runs the same number of steps and no collective ever waits on a rank that ran out of data.
+
+The order within an epoch is a permutation drawn from ``(seed, epoch, rank)`` alone, so resuming at
+``(epoch, step_in_epoch)`` jumps straight to the saved position without replaying the loader.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from data_prep.format import IGNORE_INDEX, Shard
+
+# (shard name, first sequence, one past the last sequence) within one split.
+SequenceRange = tuple[str, int, int]
+
+
+class DataError(ValueError):
+    """Prepared data that cannot feed this run (too small, wrong tokenizer, missing split)."""
+
+    user_error = True
+
+
+def assign_sequences(manifest: dict, split: str, world_size: int) -> list[list[SequenceRange]]:
+    """Split ``split``'s sequences into ``world_size`` equal, contiguous, deterministic parts.
+
+    Rank r gets global sequence indices ``[r * n, (r + 1) * n)`` with ``n = ceil(total / world_size)``;
+    indices past the end wrap around to the start (so every rank has exactly ``n``). Returns, per rank, a
+    list of ``(shard_name, start, stop)`` ranges in order. An empty split gives empty lists.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    shards = [(s["name"], int(s["sequences"])) for s in manifest["splits"].get(split, {}).get("shards", [])]
+    total = sum(count for _, count in shards)
+    if total == 0:
+        return [[] for _ in range(world_size)]
+    per_rank = -(-total // world_size)
+    return [_ranges(shards, total, rank * per_rank, per_rank) for rank in range(world_size)]
+
+
+def _ranges(shards: list[tuple[str, int]], total: int, first: int, count: int) -> list[SequenceRange]:
+    """The ranges covering global indices first .. first + count - 1 (mod total), merged where contiguous."""
+    out: list[SequenceRange] = []
+    starts = np.cumsum([0] + [c for _, c in shards])
+    for index in range(first, first + count):
+        g = index % total
+        k = int(np.searchsorted(starts, g, side="right") - 1)
+        name, local = shards[k][0], g - int(starts[k])
+        if out and out[-1][0] == name and out[-1][2] == local:
+            out[-1] = (name, out[-1][1], local + 1)
+        else:
+            out.append((name, local, local + 1))
+    return out
+
+
+@dataclass
+class RankSequences:
+    """The sequences one rank reads from one split, memory-mapped, with an is-repeat flag for each."""
+
+    data_dir: Path
+    split: str
+    items: list[tuple[str, int]]
+    repeats: list[bool]
+
+    @classmethod
+    def open(cls, data_dir: str | Path, manifest: dict, split: str, rank: int, world_size: int) -> "RankSequences":
+        ranges = assign_sequences(manifest, split, world_size)[rank]
+        items = [(name, i) for name, lo, hi in ranges for i in range(lo, hi)]
+        total = sum(int(s["sequences"]) for s in manifest["splits"].get(split, {}).get("shards", []))
+        per_rank = len(items)
+        repeats = [rank * per_rank + j >= total for j in range(per_rank)]
+        return cls(Path(data_dir), split, items, repeats)
+
+    def __post_init__(self):
+        self._shards: dict[str, Shard] = {}
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def get(self, j: int) -> dict[str, np.ndarray]:
+        name, i = self.items[j]
+        shard = self._shards.get(name)
+        if shard is None:
+            shard = self._shards[name] = Shard.open(self.data_dir, self.split, name)
+        input_ids, labels, position_ids = shard.sequence(i)
+        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+
+
+def epoch_order(num_items: int, seed: int, epoch: int, rank: int) -> np.ndarray:
+    """The permutation of a rank's items for ``epoch``: a pure function of (seed, epoch, rank)."""
+    return np.random.default_rng([seed, epoch, rank]).permutation(num_items)
+
+
+class Collator:
+    """Pads a list of sequences into one batch of [B, T] tensors.
+
+    ``input_ids`` pad with ``pad_token_id``, ``labels`` with -100, ``position_ids`` with 0, and
+    ``attention_mask`` is 1 on real tokens, 0 on padding. T is the longest sequence, or ``pad_to_tokens``
+    when given (fixed shapes).
+    """
+
+    def __init__(self, pad_token_id: int, pad_to_tokens: int | None = None):
+        self.pad_token_id = pad_token_id
+        self.pad_to_tokens = pad_to_tokens
+
+    def __call__(self, sequences: list[dict[str, np.ndarray]], drop_labels: list[bool] | None = None) -> dict:
+        longest = max(len(s["input_ids"]) for s in sequences)
+        length = max(longest, self.pad_to_tokens or 0)
+        size = len(sequences)
+        batch = {
+            "input_ids": torch.full((size, length), self.pad_token_id, dtype=torch.long),
+            "labels": torch.full((size, length), IGNORE_INDEX, dtype=torch.long),
+            "position_ids": torch.zeros((size, length), dtype=torch.long),
+            "attention_mask": torch.zeros((size, length), dtype=torch.long),
+        }
+        for row, seq in enumerate(sequences):
+            n = len(seq["input_ids"])
+            batch["input_ids"][row, :n] = torch.from_numpy(np.asarray(seq["input_ids"], dtype=np.int64))
+            batch["position_ids"][row, :n] = torch.from_numpy(np.asarray(seq["position_ids"], dtype=np.int64))
+            batch["attention_mask"][row, :n] = 1
+            if not (drop_labels and drop_labels[row]):
+                batch["labels"][row, :n] = torch.from_numpy(np.asarray(seq["labels"], dtype=np.int64))
+        return batch
+
+
+class TrainBatches:
+    """Micro-batches for training, epoch after epoch, starting at a saved position.
+
+    A position is ``(epoch, step_in_epoch)``; one optimizer step consumes ``accumulation`` micro-batches of
+    ``micro_batch_size`` sequences. A partial step at the end of an epoch is dropped.
+    """
+
+    def __init__(self, sequences: RankSequences, collator: Collator, micro_batch_size: int,
+                 accumulation: int, seed: int, rank: int):
+        self.sequences, self.collator = sequences, collator
+        self.micro_batch_size, self.accumulation = micro_batch_size, accumulation
+        self.seed, self.rank = seed, rank
+        self.steps_per_epoch = len(sequences) // (micro_batch_size * accumulation)
+
+    def step_batches(self, epoch: int, step_in_epoch: int) -> list[dict]:
+        """The ``accumulation`` micro-batches of optimizer step ``step_in_epoch`` of ``epoch``."""
+        order = self._order(epoch)
+        first = step_in_epoch * self.accumulation * self.micro_batch_size
+        out = []
+        for k in range(self.accumulation):
+            lo = first + k * self.micro_batch_size
+            picks = order[lo:lo + self.micro_batch_size]
+            out.append(self.collator([self.sequences.get(int(j)) for j in picks]))
+        return out
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if getattr(self, "_cached_epoch", None) != epoch:
+            self._cached_order = epoch_order(len(self.sequences), self.seed, epoch, self.rank)
+            self._cached_epoch = epoch
+        return self._cached_order
+
+
+def eval_batches(sequences: RankSequences, collator: Collator, micro_batch_size: int,
+                 max_batches: int | None) -> Iterator[dict]:
+    """Evaluation micro-batches in stored order; wrap-around repeats carry no labels (counted once).
+
+    Every rank yields the same number of batches (each has the same number of sequences), which ZeRO-3
+    needs: each forward gathers parameters from all ranks.
+    """
+    count = -(-len(sequences) // micro_batch_size)
+    if max_batches is not None:
+        count = min(count, max_batches)
+    for b in range(count):
+        idx = range(b * micro_batch_size, min(len(sequences), (b + 1) * micro_batch_size))
+        yield collator([sequences.get(j) for j in idx], drop_labels=[sequences.repeats[j] for j in idx])
+
+
+def first_sequences(data_dir: str | Path, manifest: dict, split: str, count: int) -> list[dict[str, np.ndarray]]:
+    """The first ``count`` sequences of ``split`` in stored order (the same on every rank)."""
+    whole = RankSequences.open(data_dir, manifest, split, rank=0, world_size=1)
+    return [whole.get(j) for j in range(min(count, len(whole)))]

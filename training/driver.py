@@ -1,0 +1,354 @@
+"""The step loop: accumulation, loss normalisation, evaluation, early stopping, checkpoints, logging, resume.
+
+A loop (training/loops.py) only turns a batch into ``(loss_sum, token_count)``. This driver fetches all
+micro-batches of an optimizer step first, all-reduces their supervised-token count, and back-propagates
+each micro loss as ``loss_sum * world_size / global_count``: DeepSpeed averages gradients over ranks (the
+``world_size`` cancels it) and is told not to divide by the accumulation steps (``scale_wrt_gas=False``).
+So the gradient is the mean over every supervised token of the step, however it is split into micro-batches
+and ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from training import checkpoint as ckpt
+from training.data import Collator, RankSequences, TrainBatches, eval_batches, first_sequences
+from training.preemption import PREEMPTED_EXIT_CODE, PreemptionFlag
+from training.tb import MetricsLogger, flops_per_token, memory_gb, peak_flops_per_device, perplexity
+
+# Test hook: SIGKILL rank 0 in the middle of saving this step (after DeepSpeed's files, before COMPLETE).
+FAULT_KILL_IN_SAVE_ENV = "ZEROTUNE_FAULT_KILL_IN_SAVE_AT_STEP"
+PROBE_SEQUENCES, PROBE_TOKENS = 2, 64
+
+
+class LossCountMismatch(RuntimeError):
+    """A loop whose compute_loss scored a different number of tokens than its count_tokens promised."""
+
+
+@dataclass
+class Progress:
+    """Everything besides DeepSpeed's state needed to continue a run exactly (saved in each checkpoint)."""
+
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    best_eval_loss: Optional[float] = None
+    best_tag: Optional[str] = None
+    evals_without_improvement: int = 0
+    last_eval_loss: Optional[float] = None
+    last_eval_step: int = -1
+    stopped_early: bool = False
+
+
+@dataclass
+class RunContext:
+    """What the driver needs besides the engine and loop: config sections and run identity."""
+
+    train: object
+    eval: object
+    checkpoint: object
+    output_dir: Path
+    data_dir: Path
+    manifest: dict
+    config_hash: str
+    zero_stage: int
+    tokenizer: object
+    logger: MetricsLogger
+    model_shape: dict
+    log_every_steps: int = 1
+
+
+class Driver:
+    """Runs training to the end, early stop or preemption; ``run()`` returns the process exit code."""
+
+    def __init__(self, engine, loop, ctx: RunContext):
+        self.engine, self.loop, self.ctx = engine, loop, ctx
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.device = next(engine.module.parameters()).device
+        t, e = ctx.train, ctx.eval
+        pad_id = ctx.tokenizer.pad_token_id if ctx.tokenizer.pad_token_id is not None else 0
+        pad_to = ctx.manifest["seq_len"] if t.pad_to == "seq_len" else None
+        self.collator = Collator(pad_id, pad_to)
+        self.train_data = TrainBatches(
+            RankSequences.open(ctx.data_dir, ctx.manifest, "train", self.rank, self.world_size), self.collator,
+            t.micro_batch_size, t.gradient_accumulation_steps, t.seed, self.rank)
+        self.eval_micro = e.micro_batch_size or t.micro_batch_size
+        self.total_steps = t.max_steps or t.epochs * self.train_data.steps_per_epoch
+        self.progress = Progress()
+        self.root = ckpt.checkpoint_root(ctx.output_dir)
+        self.preempt = PreemptionFlag()
+        self.probe_ids = self._probe_ids()
+        self._saved_step = -1
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> int:
+        """Train; returns 0, or PREEMPTED_EXIT_CODE after saving on a signal."""
+        self.preempt.install()
+        try:
+            self._maybe_resume()
+            self.engine.train()
+            while self.progress.step < self.total_steps and not self.progress.stopped_early:
+                if self.preempt.agreed(self.device):
+                    self._save()
+                    self.ctx.logger.line(f"preempted at step {self.progress.step}: checkpoint saved, "
+                                         f"exiting {PREEMPTED_EXIT_CODE}")
+                    return PREEMPTED_EXIT_CODE
+                self._train_step()
+                self._after_step()
+            self._finish()
+            return 0
+        finally:
+            self.preempt.uninstall()
+
+    def _train_step(self) -> None:
+        p, t0 = self.progress, time.perf_counter()
+        batches = [self.loop.prepare_batch(b) for b in self.train_data.step_batches(p.epoch, p.step_in_epoch)]
+        data_wait = time.perf_counter() - t0
+        counts = [self.loop.count_tokens(b) for b in batches]
+        real = sum(int(b["attention_mask"].sum()) for b in batches)
+        global_count, global_real = self._all_sum([float(sum(counts)), float(real)])
+        scale = self.world_size / max(global_count, 1.0)
+        lr = self.engine.get_lr()[0]
+        loss_total = torch.zeros((), dtype=torch.float64)
+        for batch, count in zip(batches, counts):
+            loss_sum, scored = self.loop.compute_loss(self.engine, batch)
+            if int(scored) != count:
+                raise LossCountMismatch(f"loop {self.loop.name!r}: compute_loss scored {int(scored)} tokens but "
+                                        f"count_tokens said {count}; make count_tokens match compute_loss")
+            self.engine.backward(loss_sum * scale, scale_wrt_gas=False)
+            self.engine.step()
+            loss_total += loss_sum.detach().double().cpu()
+        (loss_global,) = self._all_sum([float(loss_total)])
+        step_time = time.perf_counter() - t0
+        self._advance_position()
+        self._log_train(loss_global / max(global_count, 1.0), lr, step_time, data_wait, global_real, global_count)
+
+    def _advance_position(self) -> None:
+        p = self.progress
+        p.step += 1
+        p.step_in_epoch += 1
+        if p.step_in_epoch >= self.train_data.steps_per_epoch:
+            p.epoch, p.step_in_epoch = p.epoch + 1, 0
+
+    def _after_step(self) -> None:
+        """Evaluate, then checkpoint, when due; the last step always does both (eval first, so a best
+        checkpoint is saved once)."""
+        p, e, c = self.progress, self.ctx.eval, self.ctx.checkpoint
+        final = p.step >= self.total_steps
+        if final or (e.every_steps and p.step % e.every_steps == 0):
+            self._evaluate_and_track()
+        if final or p.stopped_early or (c.every_steps and p.step % c.every_steps == 0):
+            if self._saved_step != p.step:
+                self._save()
+
+    def _finish(self) -> None:
+        p = self.progress
+        if p.last_eval_step != p.step:
+            self._evaluate_and_track()
+        if self._saved_step != p.step:
+            self._save()
+        test_loss, tested_tag = self._test()
+        self._log_samples()
+        self._write_results(p.last_eval_loss, test_loss, tested_tag)
+
+    # ------------------------------------------------------------------ evaluation
+
+    def _evaluate(self, split: str) -> Optional[float]:
+        """Mean loss over ``split`` on all ranks (None when the split is empty)."""
+        seqs = RankSequences.open(self.ctx.data_dir, self.ctx.manifest, split, self.rank, self.world_size)
+        if len(seqs) == 0:
+            return None
+        self.engine.eval()
+        try:
+            loss_sum, tokens = self.loop.evaluate(
+                self.engine, eval_batches(seqs, self.collator, self.eval_micro, self.ctx.eval.max_batches))
+        finally:
+            self.engine.train()
+        total_loss, total_tokens = self._all_sum([float(loss_sum), float(tokens)])
+        return total_loss / total_tokens if total_tokens else None
+
+    def _evaluate_and_track(self) -> None:
+        p, e = self.progress, self.ctx.eval
+        loss = self._evaluate("validation")
+        p.last_eval_step, p.last_eval_loss = p.step, loss
+        if loss is None:
+            return
+        self.ctx.logger.scalars(p.step, {"eval/loss": loss, "eval/perplexity": perplexity(loss)}, kind="eval")
+        self.ctx.logger.line(f"step {p.step:>6} | eval loss {loss:.4f} | ppl {perplexity(loss):.2f}")
+        if p.best_eval_loss is None or loss < p.best_eval_loss - e.early_stopping_min_delta:
+            p.best_eval_loss, p.evals_without_improvement = loss, 0
+            p.best_tag = ckpt.tag_for_step(p.step)
+            if self.ctx.checkpoint.keep_best:
+                self._save()
+        else:
+            p.evals_without_improvement += 1
+            if e.early_stopping_patience and p.evals_without_improvement >= e.early_stopping_patience:
+                p.stopped_early = True
+                self.ctx.logger.line(f"early stopping at step {p.step}: no eval improvement > "
+                                     f"{e.early_stopping_min_delta} for {p.evals_without_improvement} evals")
+
+    def _test(self) -> tuple[Optional[float], Optional[str]]:
+        """Evaluate the test split once, with the best checkpoint's weights when eval.test_with is best."""
+        p = self.progress
+        tag = ckpt.tag_for_step(p.step)
+        if self.ctx.eval.test_with == "best" and p.best_tag and p.best_tag != tag and \
+                ckpt.is_complete(self.root / p.best_tag):
+            # A full load: under ZeRO-3 the weights live in the optimizer-state files. Training is over.
+            self.engine.load_checkpoint(str(self.root), tag=p.best_tag)
+            tag = p.best_tag
+        loss = self._evaluate("test")
+        if loss is not None:
+            self.ctx.logger.scalars(p.step, {"test/loss": loss, "test/perplexity": perplexity(loss)}, kind="test")
+            self.ctx.logger.line(f"test loss {loss:.4f} | ppl {perplexity(loss):.2f} (weights of {tag})")
+        return loss, tag
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _save(self) -> None:
+        """Save a complete checkpoint for the current step on all ranks (a collective)."""
+        p = self.progress
+        tag = ckpt.tag_for_step(p.step)
+        folder = self.root / tag
+        state = {"step": p.step, "epoch": p.epoch, "data_position": {"epoch": p.epoch,
+                 "step_in_epoch": p.step_in_epoch}, "world_size": self.world_size,
+                 "config_hash": self.ctx.config_hash, "manifest_cache_key": self.ctx.manifest.get("cache_key"),
+                 "eval_loss": p.last_eval_loss if p.last_eval_step == p.step else None, "progress": asdict(p)}
+        self.engine.save_checkpoint(str(self.root), tag=tag, client_state={"zerotune": state}, save_latest=False)
+        ckpt.save_rng_state(folder / f"rng-rank{self.rank}.safetensors")
+        if self.probe_ids is not None:
+            from training.probe import save_probe
+
+            save_probe(self.engine.module, self.probe_ids, folder / "probe.safetensors")
+        if self.rank == 0:
+            (folder / ckpt.STATE_FILE).write_text(json.dumps(state, indent=2), encoding="utf-8")
+            if os.environ.get(FAULT_KILL_IN_SAVE_ENV) == str(p.step):
+                os.kill(os.getpid(), signal.SIGKILL)
+        dist.barrier()
+        if self.rank == 0:
+            (folder / ckpt.COMPLETE_MARKER).touch()
+            ckpt.write_pointer(self.root, "latest", tag)
+            if p.best_tag == tag:
+                ckpt.write_pointer(self.root, "best", tag)
+            keep = {p.best_tag} if (p.best_tag and self.ctx.checkpoint.keep_best) else set()
+            ckpt.prune(self.root, self.ctx.checkpoint.keep_last, keep)
+        dist.barrier()
+        self._saved_step = p.step
+        self.ctx.logger.line(f"step {p.step:>6} | saved checkpoint {tag}")
+
+    def _maybe_resume(self) -> None:
+        tag = ckpt.find_resume_tag(self.root)
+        if tag is None:
+            return
+        if self.ctx.checkpoint.resume == "never":
+            raise ckpt.ResumeError(f"checkpoint.resume: never, but {self.root} already holds checkpoints "
+                                   f"({tag}); choose a new output_dir or set checkpoint.resume: auto")
+        state = json.loads((self.root / tag / ckpt.STATE_FILE).read_text(encoding="utf-8"))
+        self._check_resumable(tag, state)
+        load_path, _ = self.engine.load_checkpoint(str(self.root), tag=tag)
+        if load_path is None:
+            raise ckpt.ResumeError(f"DeepSpeed could not load {self.root / tag}; delete that folder to resume "
+                                   f"from an older checkpoint")
+        ckpt.load_rng_state(self.root / tag / f"rng-rank{self.rank}.safetensors")
+        self.progress = Progress(**state["progress"])
+        self._saved_step = self.progress.step
+        self.ctx.logger.line(f"resumed from {tag} (step {self.progress.step}, epoch {self.progress.epoch})")
+
+    def _check_resumable(self, tag: str, state: dict) -> None:
+        if state["world_size"] != self.world_size:
+            raise ckpt.ResumeError(
+                f"{self.root / tag} was saved with {state['world_size']} data-parallel ranks but this run has "
+                f"{self.world_size}; resume with {state['world_size']} ranks, or start a new output_dir "
+                f"(ZeRO's partitioned optimizer state is tied to the world size)")
+        if state["manifest_cache_key"] != self.ctx.manifest.get("cache_key"):
+            raise ckpt.ResumeError(
+                f"{self.root / tag} was trained on different prepared data (manifest cache_key changed); the "
+                f"saved data position would be meaningless. Use a new output_dir, or prepare the old data again")
+        if state["config_hash"] != self.ctx.config_hash:
+            self.ctx.logger.line(f"warning: the config differs from the one {tag} was saved with; continuing "
+                                 f"with the new one")
+
+    # ------------------------------------------------------------------ helpers
+
+    def _all_sum(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def _probe_ids(self) -> Optional[torch.Tensor]:
+        seqs = first_sequences(self.ctx.data_dir, self.ctx.manifest, "validation", PROBE_SEQUENCES) or \
+            first_sequences(self.ctx.data_dir, self.ctx.manifest, "train", PROBE_SEQUENCES)
+        if not seqs:
+            return None
+        length = min([PROBE_TOKENS] + [len(s["input_ids"]) for s in seqs])
+        return torch.tensor([list(s["input_ids"][:length]) for s in seqs], dtype=torch.long)
+
+    def _log_train(self, loss, lr, step_time, data_wait, real_tokens, supervised_tokens) -> None:
+        p = self.progress
+        if p.step % self.ctx.log_every_steps != 0 and p.step != self.total_steps:
+            return
+        tokens_per_sec = real_tokens / step_time
+        values = {"train/loss": loss, "train/lr": lr, "train/grad_norm": _grad_norm(self.engine),
+                  "train/tokens_per_sec": tokens_per_sec,
+                  "train/supervised_tokens_per_sec": supervised_tokens / step_time,
+                  "train/step_time_sec": step_time, "train/data_wait_sec": data_wait,
+                  "train/mfu": self._mfu(tokens_per_sec), "train/memory_gb": memory_gb(),
+                  "train/skipped_steps": float(getattr(self.engine, "skipped_steps", 0))}
+        self.ctx.logger.scalars(p.step, values)
+        self.ctx.logger.line(f"step {p.step:>6}/{self.total_steps} | loss {loss:.4f} | lr {lr:.2e} | "
+                             f"{tokens_per_sec:,.0f} tok/s | {step_time:.2f}s")
+
+    def _mfu(self, tokens_per_sec: float) -> Optional[float]:
+        """Model FLOPs utilisation on GPU: flops_per_token (6N + 12·L·H·T) x tokens/s / (peak x ranks)."""
+        peak = peak_flops_per_device(self.ctx.train.precision)
+        if peak is None:
+            return None
+        shape = self.ctx.model_shape
+        fpt = flops_per_token(shape["num_params"], shape["num_layers"], shape["hidden_size"],
+                              self.ctx.manifest["seq_len"])
+        return fpt * tokens_per_sec / (peak * self.world_size)
+
+    def _log_samples(self) -> None:
+        from training.samples import generate_samples
+
+        count = self.ctx.eval.sample_generations
+        if count < 1:
+            return
+        text = generate_samples(self.engine.module, self.ctx.tokenizer, self.ctx.data_dir, self.ctx.manifest,
+                                count, self.ctx.eval.max_new_tokens, synced=self.zero3_multi_rank())
+        self.ctx.logger.text("samples/validation", text, self.progress.step)
+
+    def zero3_multi_rank(self) -> bool:
+        return self.ctx.zero_stage == 3 and self.world_size > 1
+
+    def _write_results(self, final_loss, test_loss, tested_tag) -> None:
+        if self.rank != 0:
+            return
+        p = self.progress
+        results = {"steps": p.step, "total_steps": self.total_steps, "stopped_early": p.stopped_early,
+                   "final_eval_loss": final_loss,
+                   "final_eval_perplexity": perplexity(final_loss) if final_loss is not None else None,
+                   "best_eval_loss": p.best_eval_loss, "best_tag": p.best_tag,
+                   "test_loss": test_loss, "test_perplexity": perplexity(test_loss) if test_loss is not None else None,
+                   "test_weights_tag": tested_tag}
+        path = self.ctx.output_dir / "results.json"
+        path.write_text(json.dumps(results, indent=2, allow_nan=True), encoding="utf-8")
+
+
+def _grad_norm(engine) -> Optional[float]:
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return None
+    norm = float(norm)
+    return norm if math.isfinite(norm) else None

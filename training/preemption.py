@@ -1,0 +1,44 @@
+"""Preemption: SIGUSR1 or SIGTERM asks the run to save a checkpoint and exit with PREEMPTED_EXIT_CODE.
+
+The handler only sets a flag. At the next optimizer-step boundary all ranks agree (all_reduce max of the
+flag), save, and exit 85. A second signal during the save only sets the flag again, so it cannot
+interrupt the save; the atomic ``latest`` pointer protects against anything harder (SIGKILL).
+"""
+
+from __future__ import annotations
+
+import signal
+
+import torch
+
+# "preempted, checkpoint saved": the launcher and SLURM scripts requeue on this code.
+PREEMPTED_EXIT_CODE = 85
+SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+class PreemptionFlag:
+    """Set by SIGUSR1/SIGTERM; ``agreed()`` is a collective every rank calls at the same step boundary."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def install(self) -> "PreemptionFlag":
+        for sig in SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def agreed(self, device: torch.device) -> bool:
+        """True on every rank when any rank was signalled (a collective: call it on all ranks)."""
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item() > 0)

@@ -1,0 +1,167 @@
+"""Train a causal LM with DeepSpeed ZeRO: one process per rank, started by the `deepspeed` launcher.
+
+    deepspeed --num_gpus 2 training/train.py --config run.yaml [--set train.lr=1e-5 ...]
+    python -m training.train --config run.yaml          # one process, for debugging
+
+Reads top to bottom: parse -> validate (config, data, tokenizer; before any process group) -> init
+distributed -> build engine -> loop.run() -> close in finally. Exit codes: 0 done, 2 a user error (one
+line on stderr), 85 preempted with a checkpoint saved (training.preemption.PREEMPTED_EXIT_CODE).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script by the deepspeed launcher: make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from training.config import ConfigError, RunConfig, load_config, save_config  # noqa: E402
+from training.data import DataError  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Full fine-tuning with DeepSpeed ZeRO (one rank).")
+    parser.add_argument("--config", required=True, help="run config (YAML)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value by dotted key (repeatable)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
+                        help="set by the deepspeed launcher")
+    return parser.parse_args(argv)
+
+
+def validate_inputs(cfg: RunConfig, world_size: int):
+    """Everything checkable before the process group starts: config arithmetic, manifest, tokenizer."""
+    from transformers import AutoTokenizer
+
+    from data_prep.format import load_manifest
+
+    cfg.validate(world_size=world_size)
+    manifest = load_manifest(cfg.data.output_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path,
+                                                  trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"model.name_or_path {cfg.model.name_or_path!r}: cannot load its tokenizer "
+                        f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+    check_tokenizer(manifest, tokenizer, cfg.data.output_dir, cfg.model.name_or_path)
+    return manifest, tokenizer
+
+
+def check_tokenizer(manifest: dict, tokenizer, data_dir: str, model_path: str) -> None:
+    """Refuse shards tokenized by another tokenizer (vocabulary size or vocabulary/special-token hash)."""
+    from data_prep.format import tokenizer_hash
+
+    saved = manifest.get("tokenizer", {})
+    ours = {"vocab_size": len(tokenizer), "hash": tokenizer_hash(tokenizer)}
+    for key, value in ours.items():
+        if saved.get(key) != value:
+            raise DataError(f"{Path(data_dir) / 'manifest.json'}: data was prepared with a different tokenizer "
+                            f"(tokenizer.{key} {saved.get(key)!r}, but {model_path!r} has {value!r}); run "
+                            f"`zerotune prep CONFIG --force` with this model.name_or_path")
+
+
+def init_distributed(cfg: RunConfig) -> None:
+    import deepspeed
+
+    deepspeed.init_distributed(timeout=datetime.timedelta(minutes=cfg.deepspeed.timeout_minutes))
+
+
+def write_run_files(cfg: RunConfig, ds_config: dict, rank: int) -> None:
+    """config.yaml and ds_config.json in the run dir (rank 0), as resolved."""
+    if rank != 0:
+        return
+    out = Path(cfg.output_dir)
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    (out / "ds_config.json").write_text(json.dumps(ds_config, indent=2), encoding="utf-8")
+
+
+def build_driver(cfg: RunConfig, manifest: dict, tokenizer):
+    """Model, engine, loop and driver for this rank."""
+    import torch.distributed as dist
+    import yaml
+
+    from training.driver import Driver, RunContext
+    from training.engine import build_engine, resolve_ds_config, zero_stage
+    from training.loops import get_loop
+    from training.model import load_model
+    from training.tb import MetricsLogger
+
+    world_size, rank = dist.get_world_size(), dist.get_rank()
+    ds_config = resolve_ds_config(cfg.train, cfg.deepspeed, cfg.ds_config_path(), world_size)
+    write_run_files(cfg, ds_config, rank)
+    loop = get_loop(cfg.train.loop)(tokenizer=tokenizer)
+    model = load_model(cfg.model, cfg.train.precision, ds_config)
+    shape = model_shape(model)
+    logger = MetricsLogger(cfg.tensorboard_dir(), Path(cfg.output_dir) / "metrics.jsonl", enabled=rank == 0)
+    logger.text("config", "```yaml\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False) + "\n```", 0)
+    ctx = RunContext(train=cfg.train, eval=cfg.eval, checkpoint=cfg.checkpoint, output_dir=Path(cfg.output_dir),
+                     data_dir=Path(cfg.data.output_dir), manifest=manifest, config_hash=cfg.config_hash(),
+                     zero_stage=zero_stage(ds_config), tokenizer=tokenizer, logger=logger, model_shape=shape,
+                     log_every_steps=cfg.logging.log_every_steps)
+    steps = _total_steps(cfg, manifest, world_size)
+    engine = build_engine(model, cfg.train, ds_config, steps)
+    return Driver(engine, loop, ctx)
+
+
+def _total_steps(cfg: RunConfig, manifest: dict, world_size: int) -> int:
+    """Optimizer steps of the run (for the LR schedule): train.max_steps, or epochs x steps per epoch."""
+    from training.data import assign_sequences
+
+    per_rank = sum(hi - lo for _, lo, hi in assign_sequences(manifest, "train", world_size)[0])
+    per_step = cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps
+    steps_per_epoch = per_rank // per_step
+    if steps_per_epoch < 1:
+        raise DataError(f"{cfg.data.output_dir}: {per_rank} training sequences per rank is less than one "
+                        f"optimizer step (train.micro_batch_size {cfg.train.micro_batch_size} x "
+                        f"train.gradient_accumulation_steps {cfg.train.gradient_accumulation_steps} = {per_step}); "
+                        f"use more data or smaller batches")
+    return cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+
+
+def model_shape(model) -> dict:
+    """Parameter count (real, also under ZeRO-3 partitioning), layers and hidden size, for MFU."""
+    num_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    conf = model.config
+    return {"num_params": num_params, "num_layers": conf.num_hidden_layers, "hidden_size": conf.hidden_size}
+
+
+def close_distributed() -> None:
+    """Barrier then destroy the process group: ZeRO-3 otherwise aborts at interpreter exit."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    driver = None
+    try:
+        cfg = load_config(args.config, args.overrides)
+        manifest, tokenizer = validate_inputs(cfg, world_size)
+        init_distributed(cfg)
+        driver = build_driver(cfg, manifest, tokenizer)
+        return driver.run()
+    except Exception as exc:  # a user error is one line, not a traceback from three layers down
+        if isinstance(exc, ConfigError) or getattr(exc, "user_error", False):
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            return 2
+        raise
+    finally:
+        if driver is not None:
+            driver.ctx.logger.close()
+        close_distributed()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
