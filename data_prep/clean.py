@@ -63,7 +63,7 @@ def _messages_field(value, column: str, where: str) -> list[dict]:
         raise DataError(f"{where}: {hint}, got a {type(value).__name__}")
     out = []
     for turn_index, msg in enumerate(value):
-        if not isinstance(msg, dict) or not isinstance(msg.get("role"), str) or \
+        if not isinstance(msg, dict) or not isinstance(msg.get("role"), str) or "content" not in msg or \
                 not isinstance(msg.get("content"), (str, type(None))):
             raise DataError(f"{where}: message {turn_index} is {str(msg)[:60]!r}; {hint}")
         out.append({"role": msg["role"].strip(), "content": normalize_text(msg["content"] or "")})

@@ -1,0 +1,110 @@
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from data_prep.config import DataConfig
+from data_prep.errors import DataError
+from data_prep.format import IGNORE_INDEX
+from data_prep.template import Templater, labels_from_spans, tokenize_batch
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model_dir):
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def _supervised_text(tok, ids, labels):
+    return tok.decode([t for t, l in zip(ids, labels) if l != IGNORE_INDEX])
+
+
+def _batch(kind, records):
+    cols = {k: [r[k] for r in records] for k in records[0]}
+    return {**cols, "_src": [0] * len(records), "_row": list(range(len(records)))}
+
+
+def _tokenize(tok, cfg, kind, records, seq_len=256, excess="truncate"):
+    t = Templater(tok, cfg, kind)
+    return tokenize_batch(_batch(kind, records), templater=t, seq_len=seq_len, excess_length=excess,
+                          where=lambda s, r: f"file row {r}")
+
+
+def test_labels_from_spans_overlap_rule():
+    labels = labels_from_spans([1, 2, 3, 4], [(0, 3), (3, 6), (6, 9), (9, 12)], [(5, 9)])
+    assert labels.tolist() == [IGNORE_INDEX, 2, 3, IGNORE_INDEX]
+
+
+def test_chat_prompt_response_masks_prompt_and_ends_with_eos(tok):
+    out = _tokenize(tok, DataConfig(), "prompt_response", [{"prompt": "What is PCA?", "response": "A projection."}])
+    ids, labels = out["input_ids"][0], out["labels"][0]
+    text = tok.decode(ids)
+    assert text == tok.apply_chat_template([{"role": "user", "content": "What is PCA?"},
+                                            {"role": "assistant", "content": "A projection."}], tokenize=False)
+    assert _supervised_text(tok, ids, labels).startswith("A projection." + tok.eos_token)
+    assert tok.eos_token_id in labels.tolist(), "the turn's EOS carries loss so the model learns to stop"
+    first_supervised = int(np.flatnonzero(labels != IGNORE_INDEX)[0])
+    assert tok.decode(ids[:first_supervised]).endswith("assistant\n")
+    assert "PCA" not in _supervised_text(tok, ids, labels)
+
+
+def test_multi_turn_only_assistant_turns_carry_loss(tok):
+    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
+            {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Define recall"},
+            {"role": "assistant", "content": "TP over TP plus FN"}]
+    out = _tokenize(tok, DataConfig(), "messages", [{"messages": conv}])
+    sup = _supervised_text(tok, out["input_ids"][0], out["labels"][0])
+    assert "Hello" in sup and "TP over TP plus FN" in sup
+    for prompt_text in ("Be brief", "Hi there", "Define recall", "user"):
+        assert prompt_text not in sup
+
+
+def test_train_on_prompt_and_system_prompt(tok):
+    cfg = DataConfig(train_on_prompt=True, system_prompt="You are terse.")
+    out = _tokenize(tok, cfg, "prompt_response", [{"prompt": "Q?", "response": "A."}])
+    ids, labels = out["input_ids"][0], out["labels"][0]
+    assert "You are terse." in tok.decode(ids)
+    assert (labels[1:] != IGNORE_INDEX).all() and labels[0] == IGNORE_INDEX
+
+
+def test_format_template_masks_text_before_response(tok):
+    cfg = DataConfig(template="format", format_string="Question: {prompt}\nAnswer: {response}")
+    out = _tokenize(tok, cfg, "prompt_response", [{"prompt": "What is bias?", "response": "Systematic error."}])
+    ids, labels = out["input_ids"][0], out["labels"][0]
+    assert tok.decode(ids) == "Question: What is bias?\nAnswer: Systematic error." + tok.eos_token
+    assert ids[-1] == tok.eos_token_id and labels[-1] == tok.eos_token_id
+    assert _supervised_text(tok, ids, labels).strip() == "Systematic error." + tok.eos_token
+    assert "bias" not in _supervised_text(tok, ids, labels)
+
+
+def test_text_rows_are_fully_supervised_except_first_token(tok):
+    out = _tokenize(tok, DataConfig(), "text", [{"text": "Gradient descent moves downhill."}])
+    labels = out["labels"][0]
+    assert labels[0] == IGNORE_INDEX and (labels[1:] != IGNORE_INDEX).all()
+    assert out["input_ids"][0][-1] == tok.eos_token_id
+
+
+def test_excess_length_modes(tok):
+    rec = [{"text": "word " * 200}]
+    trunc = _tokenize(tok, DataConfig(), "text", rec, seq_len=32, excess="truncate")
+    assert trunc["n_tokens"][0] == 32 and trunc["truncated"][0] and trunc["n_tokens_raw"][0] > 32
+    drop = _tokenize(tok, DataConfig(), "text", rec, seq_len=32, excess="drop")
+    assert drop["_drop2"] == ["too_long"]
+    with pytest.raises(DataError, match="file row 0: .* more than data.seq_len 32"):
+        _tokenize(tok, DataConfig(), "text", rec, seq_len=32, excess="error")
+
+
+def test_truncation_that_removes_the_response_is_dropped(tok):
+    out = _tokenize(tok, DataConfig(), "prompt_response", [{"prompt": "long " * 100, "response": "short"}],
+                    seq_len=40)
+    assert out["_drop2"] == ["no_supervised_tokens"]
+
+
+def test_tokenizer_without_chat_template_suggests_format(tok):
+    bare = AutoTokenizer.from_pretrained(tok.name_or_path)
+    bare.chat_template = None
+    with pytest.raises(DataError, match="no chat template.*data.template: format"):
+        Templater(bare, DataConfig(template="chat"), "prompt_response")
+
+
+def test_overhead_counts_template_tokens(tok):
+    assert Templater(tok, DataConfig(), "prompt_response").overhead_tokens() >= 8
+    assert Templater(tok, DataConfig(), "text").overhead_tokens() == 1
