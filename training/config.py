@@ -260,6 +260,9 @@ def save_config(cfg: RunConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
 
 
+_YAML_NULLS = ("", "null", "Null", "NULL", "~")
+
+
 def _apply_override(raw: dict, item: str, problems: list[str]) -> None:
     if "=" not in item:
         problems.append(f"--set {item!r}: expected dotted.key=value")
@@ -269,6 +272,8 @@ def _apply_override(raw: dict, item: str, problems: list[str]) -> None:
         value = yaml.safe_load(text) if text != "" else ""
     except yaml.YAMLError:
         value = text
+    if value is None and text.strip() not in _YAML_NULLS:
+        value = text  # YAML reads "#..." as a comment, which would silently null the key
     node = raw
     parts = key.strip().split(".")
     for part in parts[:-1]:
