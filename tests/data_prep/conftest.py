@@ -1,44 +1,13 @@
-"""Helpers for the data_prep tests: deterministic Q&A rows, file writers and a DataConfig factory."""
+"""Fixtures for the data_prep tests: a DataConfig factory and a small Q&A CSV."""
 
 from __future__ import annotations
 
-import csv
-import json
-import random
 from pathlib import Path
 
 import pytest
+from prep_data import qa_rows, write_csv
 
 from data_prep.config import DataConfig
-
-_TOPICS = ["overfitting", "gradient descent", "precision", "recall", "a pandas merge", "standardisation",
-           "cross-validation", "regularisation", "a random forest", "principal component analysis"]
-_WORDS = ("it is a method that helps models generalise by reducing variance and bias on held out data "
-          "when features are scaled the optimiser converges faster").split()
-
-
-def qa_rows(n: int, seed: int = 0) -> list[dict]:
-    """n distinct question/answer rows of varied length (10 to ~150 words per answer)."""
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        topic = rng.choice(_TOPICS)
-        answer = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(10, 150)))
-        rows.append({"question": f"Q{i}: what is {topic}, and why does it matter?", "answer": answer.capitalize() + "."})
-    return rows
-
-
-def write_csv(path: Path, rows: list[dict], columns=("question", "answer")) -> Path:
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(columns)
-        writer.writerows([[r[c] for c in columns] for r in rows])
-    return path
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
 
 
 @pytest.fixture()
