@@ -1,0 +1,246 @@
+"""`zerotune launch`: check everything, write the run dir, then start the ranks; the job's exit code is theirs.
+
+Order matters: config, data and cluster are all checked before anything starts, so a mistake fails in
+seconds on the login node. The pure pieces (argv, assignment summary) are unit-tested without a cluster.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from launcher.cluster import Cluster, build_hostfile
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TRAIN_SCRIPT = REPO_ROOT / "training" / "train.py"
+# Signals a scheduler sends before it stops a job; forwarded to the ranks, which checkpoint and exit 85.
+FORWARDED_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+class LaunchError(RuntimeError):
+    """A run that cannot start (missing data, a run dir that is not writable, staging failed)."""
+
+    user_error = True
+
+
+@dataclass
+class RunFiles:
+    """Paths written into the run dir."""
+
+    run_dir: Path
+    config: Path
+    command: Path
+    launch_sh: Path
+    assignment: Path | None = None
+    hostfile: Path | None = None
+    ds_config: Path | None = None
+
+
+# --------------------------------------------------------------------------- pure: argv
+
+
+def deepspeed_argv(cluster: Cluster, config_path: str | Path, train_script: str | Path = TRAIN_SCRIPT,
+                   hostfile_path: str | Path | None = None) -> list[str]:
+    """The `deepspeed` launcher command for a local or hostfile cluster."""
+    head = ["deepspeed"]
+    if cluster.source == "local":
+        head += ["--num_gpus", str(cluster.world_size)]
+    else:
+        if hostfile_path is None:
+            raise ValueError("a hostfile cluster needs hostfile_path")
+        head += ["--hostfile", str(hostfile_path), "--master_addr", cluster.master_addr]
+    head += ["--master_port", str(cluster.master_port)]
+    return head + [str(train_script), "--config", str(config_path)]
+
+
+def srun_argv(cluster: Cluster, config_path: str | Path, train_script: str | Path = TRAIN_SCRIPT,
+              python: str = "python") -> list[str]:
+    """One srun task per GPU; each maps SLURM_PROCID etc. to RANK/WORLD_SIZE/LOCAL_RANK and runs the driver."""
+    per_node = cluster.hosts[0].slots
+    return ["srun", f"--nodes={cluster.num_nodes}", f"--ntasks-per-node={per_node}",
+            f"--ntasks={cluster.world_size}", "--kill-on-bad-exit=1", python, "-m", "launcher.slurm_exec",
+            str(train_script), "--config", str(config_path)]
+
+
+def launch_argv(cluster: Cluster, config_path: str | Path, hostfile_path: str | Path | None = None,
+                train_script: str | Path = TRAIN_SCRIPT) -> list[str]:
+    """srun inside a SLURM allocation, the deepspeed launcher otherwise."""
+    if cluster.source == "slurm":
+        return srun_argv(cluster, config_path, train_script, python=sys.executable)
+    return deepspeed_argv(cluster, config_path, train_script, hostfile_path)
+
+
+# --------------------------------------------------------------------------- data: check, assign, stage
+
+
+def check_data(data_dir: str | Path) -> dict:
+    """The prepared data's manifest, after verifying every shard's checksum."""
+    from data_prep.format import load_manifest, verify_shards
+
+    manifest = load_manifest(data_dir)
+    verify_shards(data_dir, manifest)
+    return manifest
+
+
+def assignment_summary(manifest: dict, world_size: int) -> dict:
+    """Per split and rank, the (shard, start, stop) ranges it reads: training.data.assign_sequences's answer."""
+    from training.data import assign_sequences
+
+    out = {"world_size": world_size, "splits": {}}
+    for split in manifest["splits"]:
+        ranks = assign_sequences(manifest, split, world_size)
+        out["splits"][split] = {
+            "sequences_per_rank": [sum(stop - start for _, start, stop in r) for r in ranks],
+            "ranges": [_jsonable(r) for r in ranks]}
+    return out
+
+
+def _jsonable(value):
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return value
+
+
+def stage_data(data_dir: str | Path, dest: str | Path, cluster: Cluster, manifest: dict) -> Path:
+    """Copy the shards to node-local ``dest`` (sbcast under SLURM) and verify them against the manifest."""
+    src, dest = Path(data_dir), Path(dest)
+    files = [p for p in sorted(src.rglob("*")) if p.is_file()]
+    if cluster.source == "slurm":
+        _stage_with_sbcast(src, dest, files)
+        return dest
+    if any(not _is_local(h.name) for h in cluster.hosts):
+        raise LaunchError("--stage-data with remote hosts in a hostfile is not supported; stage the data "
+                          "on each host yourself or run under SLURM (sbcast)")
+    for path in files:
+        target = dest / path.relative_to(src)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target)
+    from data_prep.format import verify_shards
+
+    verify_shards(dest, manifest)
+    return dest
+
+
+def _is_local(name: str) -> bool:
+    from launcher.cluster import is_local_host
+
+    return is_local_host(name)
+
+
+def _stage_with_sbcast(src: Path, dest: Path, files: list[Path]) -> None:
+    dirs = sorted({str(dest / p.parent.relative_to(src)) for p in files})
+    _run_checked(["srun", "--ntasks-per-node=1", "mkdir", "-p", *dirs], "creating the staging folders")
+    for path in files:
+        _run_checked(["sbcast", "--force", str(path), str(dest / path.relative_to(src))], f"sbcast {path}")
+    verify = f"from data_prep.format import verify_shards; verify_shards({str(dest)!r})"
+    _run_checked(["srun", "--ntasks-per-node=1", sys.executable, "-c", verify],
+                 "verifying the staged shards on every node")
+
+
+def _run_checked(cmd: list[str], what: str) -> None:
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise LaunchError(f"{what} failed (exit {res.returncode}): {res.stderr.strip()[-500:]}")
+
+
+# --------------------------------------------------------------------------- run dir
+
+
+def write_run_dir(cfg, cluster: Cluster, manifest: dict | None, stage_dir: str | None = None) -> RunFiles:
+    """Write config.yaml, hostfile, assignment.json, ds_config.json (when computable), command and launch.sh."""
+    from training.config import save_config
+
+    run_dir = Path(cfg.output_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LaunchError(f"output_dir {run_dir}: cannot create it ({exc.strerror})") from None
+    files = RunFiles(run_dir=run_dir, config=run_dir / "config.yaml", command=run_dir / "command.txt",
+                     launch_sh=run_dir / "launch.sh")
+    if stage_dir:
+        cfg.data.output_dir = str(stage_dir)
+    save_config(cfg, files.config)
+    if cluster.source != "local":
+        files.hostfile = run_dir / "hostfile"
+        files.hostfile.write_text(build_hostfile(cluster.hosts), encoding="utf-8")
+    if manifest is not None:
+        files.assignment = run_dir / "assignment.json"
+        files.assignment.write_text(json.dumps(assignment_summary(manifest, cluster.world_size)), encoding="utf-8")
+    files.ds_config = _write_ds_config(cfg, cluster.world_size, run_dir)
+    argv = launch_argv(cluster, files.config.resolve(), files.hostfile.resolve() if files.hostfile else None)
+    command = shlex.join(argv)
+    files.command.write_text(command + "\n", encoding="utf-8")
+    files.launch_sh.write_text("#!/usr/bin/env bash\n# Written by `zerotune launch`; rerun to restart "
+                               "(training resumes from checkpoints/latest).\nset -euo pipefail\n"
+                               f"cd {shlex.quote(str(REPO_ROOT))}\nexec {command}\n", encoding="utf-8")
+    files.launch_sh.chmod(0o755)
+    return files
+
+
+def _write_ds_config(cfg, world_size: int, run_dir: Path) -> Path:
+    """The resolved DeepSpeed config, computed by the driver's own function (the driver writes the same)."""
+    from training.engine import resolve_ds_config
+
+    path = run_dir / "ds_config.json"
+    resolved = resolve_ds_config(cfg.train, cfg.deepspeed, cfg.ds_config_path(), world_size)
+    path.write_text(json.dumps(resolved, indent=2), encoding="utf-8")
+    return path
+
+
+# --------------------------------------------------------------------------- run
+
+
+def run_ranks(argv: list[str], cwd: str | Path = REPO_ROOT) -> int:
+    """Start the launcher, forward preemption signals to the ranks, and return the launcher's exit code."""
+    proc = subprocess.Popen(argv, cwd=str(cwd))
+
+    def forward(signum, _frame):
+        for pid in _rank_pids(proc.pid):
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    previous = {s: signal.signal(s, forward) for s in FORWARDED_SIGNALS}
+    try:
+        return proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _rank_pids(launcher_pid: int, script_name: str = TRAIN_SCRIPT.name) -> list[int]:
+    """The training processes under the launcher (srun forwards signals to its tasks by itself)."""
+    import psutil
+
+    try:
+        root = psutil.Process(launcher_pid)
+        if root.name() == "srun":
+            return [launcher_pid]
+        children = root.children(recursive=True)
+    except psutil.Error:
+        return []
+    ranks = []
+    for child in children:
+        try:
+            cmd = child.cmdline()
+        except psutil.Error:
+            continue
+        # The deepspeed launcher itself dies on SIGUSR1 (it has no handler); only the ranks get the signal.
+        if any(a.endswith(script_name) for a in cmd) and not any("deepspeed.launcher" in a for a in cmd):
+            ranks.append(child.pid)
+    return ranks

@@ -1,0 +1,66 @@
+"""`zerotune launch CONFIG`: validate config, data and cluster, write the run dir, start the ranks."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+
+from launcher.cluster import check_hosts, discover
+from launcher.launch import check_data, launch_argv, run_ranks, stage_data, write_run_dir
+
+
+def cmd_launch(args) -> int:
+    """Check everything, write the run dir, then run (or, with --dry-run, print) the command."""
+    from training.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    cluster = discover(hostfile=args.hostfile, num_gpus=args.num_gpus, master_port=args.master_port)
+    cfg.validate(cluster.world_size)
+    if cluster.source != "slurm":
+        check_hosts(cluster, ssh_timeout_s=args.ssh_timeout)
+    manifest = check_data(cfg.data.output_dir)
+    stage_dir = None
+    if args.stage_data and not args.dry_run:
+        stage_dir = stage_data(cfg.data.output_dir, args.stage_data, cluster, manifest)
+    files = write_run_dir(cfg, cluster, manifest, stage_dir=stage_dir)
+    argv = launch_argv(cluster, files.config.resolve(), files.hostfile.resolve() if files.hostfile else None)
+    print(_summary(cfg, cluster, files, args.stage_data))
+    print(f"command: {shlex.join(argv)}")
+    if args.dry_run:
+        print("dry run: nothing started")
+        return 0
+    sys.stdout.flush()
+    return run_ranks(argv)
+
+
+def _summary(cfg, cluster, files, stage_dir) -> str:
+    hosts = ", ".join(f"{h.name} x{h.slots}" for h in cluster.hosts)
+    lines = [f"cluster ({cluster.source}): {hosts}; {cluster.world_size} ranks, rendezvous "
+             f"{cluster.master_addr}:{cluster.master_port}",
+             f"run dir: {files.run_dir} (config.yaml, command.txt, launch.sh"
+             f"{', assignment.json' if files.assignment else ''}{', hostfile' if files.hostfile else ''}"
+             f"{', ds_config.json' if files.ds_config else ''})",
+             f"batch: micro {cfg.train.micro_batch_size} x accumulation {cfg.train.gradient_accumulation_steps}"
+             f" x {cluster.world_size} ranks"]
+    if stage_dir:
+        lines.append(f"data staged to {stage_dir} and verified against the manifest")
+    return "\n".join(lines)
+
+
+def register(subparsers, add_config_args) -> None:
+    """Add the `launch` subcommand."""
+    p = subparsers.add_parser("launch", help="check config, data and cluster, then start training",
+                              description="Validate the config, the prepared data (checksums) and the cluster, "
+                                          "write the run dir (config.yaml, assignment.json, command), and "
+                                          "start the ranks with the deepspeed launcher (srun under SLURM). "
+                                          "The exit code is the training job's.")
+    add_config_args(p)
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--hostfile", help="DeepSpeed hostfile: one 'HOST slots=N' line per machine")
+    where.add_argument("--num-gpus", type=int, help="ranks on this machine (on CPU: N gloo processes)")
+    p.add_argument("--master-port", type=int, default=29500)
+    p.add_argument("--ssh-timeout", type=int, default=5, help="seconds to wait for each remote host's ssh")
+    p.add_argument("--stage-data", metavar="DIR",
+                   help="copy shards to node-local DIR first (sbcast under SLURM) and verify checksums")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and the command; start nothing")
+    p.set_defaults(func=cmd_launch)
