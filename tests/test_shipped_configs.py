@@ -8,8 +8,8 @@ wrong types name the key and the expected type, every problem is reported in one
 
 from __future__ import annotations
 
+import copy
 import csv
-import dataclasses
 import json
 import os
 import re
@@ -140,7 +140,7 @@ def _write(tmp_path: Path, raw: dict | str) -> Path:
 
 
 def _section(**sections) -> dict:
-    raw = json.loads(json.dumps(BASE))
+    raw = copy.deepcopy(BASE)
     for name, values in sections.items():
         raw.setdefault(name, {}).update(values)
     return raw
@@ -165,7 +165,7 @@ def test_typo_key_gets_did_you_mean_with_dotted_key(tmp_path):
 
 
 def test_typo_section_gets_did_you_mean(tmp_path):
-    raw = json.loads(json.dumps(BASE))
+    raw = copy.deepcopy(BASE)
     raw["modle"] = raw.pop("model")
     problems = _problems(_write(tmp_path, raw))
     assert any(p.startswith("modle: unknown key") and "did you mean 'model'" in p for p in problems)
