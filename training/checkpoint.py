@@ -22,7 +22,6 @@ import os
 import random
 import re
 import shutil
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -77,25 +76,24 @@ def complete_tags(root: Path) -> list[str]:
     return [t for t in tags if is_complete(root / t)]
 
 
-def find_resume_tag(root: Path) -> str | None:
-    """The tag to resume from: ``latest`` when it names a complete checkpoint, else the newest complete one.
-
-    Warns when ``latest`` is missing or corrupt while checkpoints exist, and when newer incomplete
-    checkpoints (a save that was interrupted) are skipped.
+def find_resume_tag(root: Path) -> tuple[str | None, list[str]]:
+    """The tag to resume from and warnings: ``latest`` when it names a complete checkpoint, else the newest
+    complete one (warning that ``latest`` is missing or corrupt); newer incomplete checkpoints (a save that
+    was interrupted) are skipped with a warning.
     """
-    tags = complete_tags(root)
+    tags, notes = complete_tags(root), []
     chosen = read_pointer(root, "latest")
     if chosen is None and tags:
         chosen = tags[-1]
-        warnings.warn(f"{root / 'latest'} is missing or does not name a complete checkpoint; resuming from "
-                      f"the newest complete one, {chosen}", stacklevel=2)
+        notes.append(f"{root / 'latest'} is missing or does not name a complete checkpoint; resuming from the "
+                     f"newest complete one, {chosen}")
     if chosen is not None:
-        newer = [p.name for p in root.iterdir() if p.is_dir() and TAG_PATTERN.match(p.name)
-                 and p.name > chosen and not is_complete(p)]
+        newer = sorted(p.name for p in root.iterdir() if p.is_dir() and TAG_PATTERN.match(p.name)
+                       and p.name > chosen and not is_complete(p))
         if newer:
-            warnings.warn(f"skipping incomplete checkpoint(s) {', '.join(sorted(newer))} in {root} (a save was "
-                          f"interrupted); resuming from {chosen}", stacklevel=2)
-    return chosen
+            notes.append(f"skipping incomplete checkpoint(s) {', '.join(newer)} in {root} (a save was "
+                         f"interrupted); resuming from {chosen}")
+    return chosen, notes
 
 
 # --------------------------------------------------------------------------- RNG state

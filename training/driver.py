@@ -248,7 +248,9 @@ class Driver:
         self.ctx.logger.line(f"step {p.step:>6} | saved checkpoint {tag}")
 
     def _maybe_resume(self) -> None:
-        tag = ckpt.find_resume_tag(self.root)
+        tag, notes = ckpt.find_resume_tag(self.root)
+        for note in notes:
+            self.ctx.logger.line(f"warning: {note}")
         if tag is None:
             return
         if self.ctx.checkpoint.resume == "never":

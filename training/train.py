@@ -66,8 +66,13 @@ def check_tokenizer(manifest: dict, tokenizer, data_dir: str, model_path: str) -
 
 
 def init_distributed(cfg: RunConfig) -> None:
+    """Start the process group (gloo on CPU, nccl on GPU) with deepspeed.timeout_minutes."""
     import deepspeed
 
+    # Started without a launcher (python -m training.train): one rank, rendezvous on this machine.
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": "29511"}.items():
+        os.environ.setdefault(key, value)
     deepspeed.init_distributed(timeout=datetime.timedelta(minutes=cfg.deepspeed.timeout_minutes))
 
 

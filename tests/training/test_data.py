@@ -1,0 +1,93 @@
+"""Rank assignment, epoch order, collator and evaluation batches of training/data.py."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from training.data import Collator, RankSequences, TrainBatches, assign_sequences, epoch_order, eval_batches
+
+
+def _manifest(counts: list[int], split: str = "train") -> dict:
+    shards = [{"name": f"shard-{i:05d}", "sequences": n} for i, n in enumerate(counts)]
+    return {"splits": {split: {"sequences": sum(counts), "shards": shards}}}
+
+
+def _flatten(ranges):
+    return [(name, i) for name, lo, hi in ranges for i in range(lo, hi)]
+
+
+@pytest.mark.parametrize("counts,world", [([5, 3, 4], 2), ([5, 3, 4], 5), ([1], 3), ([7, 0, 2], 4), ([4, 4], 8)])
+def test_assign_sequences_equal_counts_cover_everything_and_wrap(counts, world):
+    per_rank = assign_sequences(_manifest(counts), "train", world)
+    flat = [_flatten(r) for r in per_rank]
+    total = sum(counts)
+    assert len({len(f) for f in flat}) == 1, "every rank must get the same number of sequences"
+    assert len(flat[0]) == -(-total // world)
+    every = [item for f in flat for item in f]
+    expected = [(f"shard-{k:05d}", i) for k, n in enumerate(counts) for i in range(n)]
+    assert sorted(set(every)) == sorted(expected)
+    # Wrap-around: the padding repeats the first sequences, in order.
+    assert every[total:] == [expected[i % total] for i in range(total, len(every))]
+
+
+def test_assign_sequences_is_deterministic_and_contiguous():
+    m = _manifest([5, 3, 4])
+    assert assign_sequences(m, "train", 2) == assign_sequences(m, "train", 2)
+    assert assign_sequences(m, "train", 2)[0] == [("shard-00000", 0, 5), ("shard-00001", 0, 1)]
+    assert assign_sequences(m, "validation", 2) == [[], []]
+
+
+def test_epoch_order_depends_on_seed_epoch_rank_only():
+    a = epoch_order(50, seed=1, epoch=0, rank=0)
+    assert sorted(a) == list(range(50))
+    assert np.array_equal(a, epoch_order(50, seed=1, epoch=0, rank=0))
+    assert not np.array_equal(a, epoch_order(50, seed=1, epoch=1, rank=0))
+    assert not np.array_equal(a, epoch_order(50, seed=2, epoch=0, rank=0))
+
+
+def _seq(ids, labels, pos):
+    return {"input_ids": np.array(ids, np.int32), "labels": np.array(labels, np.int32),
+            "position_ids": np.array(pos, np.int32)}
+
+
+def test_collator_pads_to_batch_max_or_fixed_length():
+    seqs = [_seq([5, 6, 7], [-100, 6, 7], [0, 1, 0]), _seq([8], [-100], [0])]
+    batch = Collator(pad_token_id=2)(seqs)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 2, 2]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [-100, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 0], [0, 0, 0]]
+    fixed = Collator(pad_token_id=2, pad_to_tokens=6)(seqs)
+    assert fixed["input_ids"].shape == (2, 6)
+    dropped = Collator(pad_token_id=2)(seqs, drop_labels=[True, False])
+    assert dropped["labels"][0].tolist() == [-100, -100, -100]
+
+
+class _FakeSequences(RankSequences):
+    def get(self, j):
+        return _seq([j + 10, j + 20], [-100, j + 20], [0, 1])
+
+
+def _fake(n, repeats=None):
+    return _FakeSequences(data_dir=None, split="train", items=[("s", i) for i in range(n)],
+                          repeats=repeats or [False] * n)
+
+
+def test_train_batches_jump_to_a_position_without_replay():
+    batches = TrainBatches(_fake(13), Collator(0), micro_batch_size=2, accumulation=3, seed=0, rank=0)
+    assert batches.steps_per_epoch == 2  # 13 // 6; the partial step is dropped
+    order = epoch_order(13, 0, 1, 0)
+    step = batches.step_batches(epoch=1, step_in_epoch=1)
+    assert len(step) == 3
+    got = [int(x) - 10 for b in step for x in b["input_ids"][:, 0]]
+    assert got == [int(j) for j in order[6:12]]
+
+
+def test_eval_batches_give_repeats_no_labels_and_respect_max_batches():
+    seqs = _fake(5, repeats=[False, False, False, True, True])
+    batches = list(eval_batches(seqs, Collator(0), micro_batch_size=2, max_batches=None))
+    assert [b["input_ids"].shape[0] for b in batches] == [2, 2, 1]
+    scored = [int((b["labels"] != -100).sum()) for b in batches]
+    assert scored == [2, 1, 0]
+    assert len(list(eval_batches(seqs, Collator(0), micro_batch_size=2, max_batches=1))) == 1

@@ -1,0 +1,65 @@
+"""ds_config resolution against the YAML, and the LR schedule."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from training.config import DS_CONFIG_DIR, ConfigError, DeepSpeedSection, TrainConfig
+from training.engine import lr_multiplier, resolve_ds_config, zero_stage
+
+
+def _train(**kw) -> TrainConfig:
+    base = dict(micro_batch_size=2, gradient_accumulation_steps=4, precision="fp32", grad_clip=0.5)
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("path", sorted(DS_CONFIG_DIR.glob("*.json")), ids=lambda p: p.name)
+def test_every_shipped_ds_config_resolves(path):
+    cfg = resolve_ds_config(_train(), DeepSpeedSection(config=path.name), path, world_size=8)
+    assert cfg["train_micro_batch_size_per_gpu"] == 2
+    assert cfg["gradient_accumulation_steps"] == 4
+    assert cfg["train_batch_size"] == 2 * 4 * 8
+    assert cfg["gradient_clipping"] == 0.5
+    assert cfg["bf16"]["enabled"] is False and cfg["fp16"]["enabled"] is False
+    assert "auto" not in json.dumps(cfg)
+    assert "optimizer" not in cfg and "scheduler" not in cfg
+
+
+def test_precision_and_stage_override(tmp_path):
+    path = DS_CONFIG_DIR / "zero2.json"
+    cfg = resolve_ds_config(_train(precision="bf16"), DeepSpeedSection(zero_stage=3), path, world_size=2)
+    assert cfg["bf16"]["enabled"] is True and zero_stage(cfg) == 3
+    assert zero_stage(resolve_ds_config(_train(), DeepSpeedSection(), path, 2)) == 2
+
+
+def test_hand_set_contradiction_names_both(tmp_path):
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 8, "gradient_clipping": 0.5,
+                                "bf16": {"enabled": True}, "zero_optimization": {"stage": 1},
+                                "optimizer": {"type": "AdamW", "params": {"lr": 0.1}}}))
+    with pytest.raises(ConfigError) as exc:
+        resolve_ds_config(_train(), DeepSpeedSection(), path, world_size=2)
+    text = str(exc.value)
+    assert "train_micro_batch_size_per_gpu = 8" in text and "train.micro_batch_size = 2" in text
+    assert "bf16.enabled" in text and "train.precision" in text
+    assert "optimizer.params.lr" in text and "train.lr" in text
+    assert "gradient_clipping" not in text  # agrees with the YAML
+
+
+def test_stage_auto_says_to_use_the_launcher():
+    with pytest.raises(ConfigError, match="zerotune launch"):
+        resolve_ds_config(_train(), DeepSpeedSection(zero_stage="auto"), DS_CONFIG_DIR / "zero2.json", 2)
+
+
+def test_lr_schedule_shapes():
+    cos = [lr_multiplier(s, 10, 2, "cosine", 0.1) for s in range(10)]
+    assert cos[:2] == [0.5, 1.0]
+    assert all(a >= b for a, b in zip(cos[1:], cos[2:]))
+    assert math.isclose(cos[-1], 0.1)
+    lin = [lr_multiplier(s, 10, 0, "linear", 0.0) for s in range(10)]
+    assert math.isclose(lin[0], 1.0) and math.isclose(lin[-1], 0.0)
+    assert math.isclose(lin[4] - lin[5], lin[5] - lin[6])
+    assert [lr_multiplier(s, 10, 3, "constant", 0.1) for s in (0, 5, 9)] == [1 / 3, 1.0, 1.0]
