@@ -61,7 +61,7 @@ def export_checkpoint(run_dir: str | os.PathLike, out_dir: str | os.PathLike, ta
     save_precision = dtype or cfg.train.precision
     if save_precision not in PRECISION_DTYPES:
         raise ExportError(f"--dtype: {save_precision!r} is not one of {', '.join(PRECISION_DTYPES)}")
-    stage = zero_stage(run, tag_dir)
+    stage = zero_stage(tag_dir)
     state = consolidated_state_dict(tag_dir, stage)
     model = _model_with_weights(cfg.model, state, PRECISION_DTYPES[save_precision])
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -138,18 +138,16 @@ def _latest_complete(ckpt_root: Path) -> Path:
     return max(complete, key=lambda p: (_saved_step(p), p.stat().st_mtime))
 
 
-def zero_stage(run_dir: Path, tag_dir: Path) -> int:
-    """The ZeRO stage the checkpoint was saved with (from the files, else the run's ds_config.json)."""
-    if list(tag_dir.glob("*zero_pp_rank_*_model_states.pt")):
-        return 3
-    if list(tag_dir.glob("zero_pp_rank_*_optim_states.pt")):
-        ds_config = json.loads((run_dir / "ds_config.json").read_text()) \
-            if (run_dir / "ds_config.json").is_file() else {}
-        return int(ds_config.get("zero_optimization", {}).get("stage", 2)) or 2
-    if (tag_dir / "mp_rank_00_model_states.pt").is_file():
-        return 0
-    raise ExportError(f"{tag_dir}: no DeepSpeed model states found (expected mp_rank_00_model_states.pt "
-                      f"or zero_pp_rank_*_model_states.pt)")
+def zero_stage(tag_dir: Path) -> int:
+    """The ZeRO stage the checkpoint was saved with, read from the DeepSpeed config stored inside it."""
+    files = sorted(tag_dir.glob("zero_pp_rank_*_mp_rank_*_model_states.pt")) or \
+        [tag_dir / "mp_rank_00_model_states.pt"]
+    if not files[0].is_file():
+        raise ExportError(f"{tag_dir}: no DeepSpeed model states found (expected mp_rank_00_model_states.pt "
+                          f"or zero_pp_rank_*_model_states.pt)")
+    # mmap: only the small config is read, not the weights stored beside it.
+    states = torch.load(files[0], map_location="cpu", weights_only=False, mmap=True)
+    return int((states.get("ds_config") or {}).get("zero_optimization", {}).get("stage", 0))
 
 
 # --------------------------------------------------------------------------- weights

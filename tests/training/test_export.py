@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,15 +26,34 @@ from training.export import ExportError, export_checkpoint
 WRITER = Path(__file__).with_name("export_checkpoint_writer.py")
 
 
+def _free_port() -> int:
+    # Other dist tests may run at the same time: a fixed rendezvous port would collide.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _write_run(model_dir: Path, run_dir: Path, stage: int, precision: str) -> Path:
     require(shutil.which("deepspeed") is not None, "the deepspeed launcher")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(29600 + stage), str(WRITER),
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), str(WRITER),
            "--model-dir", str(model_dir), "--run-dir", str(run_dir), "--stage", str(stage),
            "--precision", precision]
     proc = subprocess.run(cmd, cwd=run_dir.parent, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"checkpoint writer failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return run_dir
+
+
+@pytest.fixture(scope="module")
+def zero0_run(tiny_model_dir, tmp_path_factory) -> Path:
+    """A ZeRO-0 (plain data-parallel) fp32 run: weights come from the module states."""
+    return _write_run(tiny_model_dir, tmp_path_factory.mktemp("zero0") / "run", stage=0, precision="fp32")
+
+
+@pytest.fixture(scope="module")
+def zero1_run(tiny_model_dir, tmp_path_factory) -> Path:
+    """A ZeRO-1 bf16 run: fp32 master weights partitioned in the optimizer states."""
+    return _write_run(tiny_model_dir, tmp_path_factory.mktemp("zero1") / "run", stage=1, precision="bf16")
 
 
 @pytest.fixture(scope="module")
@@ -69,14 +89,16 @@ def _reference_error(model, run_dir: Path) -> float:
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("run_name, dtype", [("zero2_run", torch.float32), ("zero3_run", torch.bfloat16)])
-def test_export_round_trip(request, run_name, dtype, tmp_path, capsys):
+@pytest.mark.parametrize("run_name, stage, dtype", [
+    ("zero0_run", 0, torch.float32), ("zero1_run", 1, torch.bfloat16),
+    ("zero2_run", 2, torch.float32), ("zero3_run", 3, torch.bfloat16)])
+def test_export_round_trip(request, run_name, stage, dtype, tmp_path, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     run_dir = request.getfixturevalue(run_name)
     out = tmp_path / "hf"
     assert zerotune(["export", str(run_dir), "--out", str(out)]) == 0
-    assert "exported checkpoint step-4" in capsys.readouterr().out
+    assert f"exported checkpoint step-4 (ZeRO stage {stage})" in capsys.readouterr().out
 
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.dtype == dtype and _saved_dtypes(out) == {str(dtype)}
