@@ -1,0 +1,60 @@
+"""`zerotune slurm CONFIG`: write the resolved run dir and a job script, check it, optionally submit it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from launcher.slurm import JobSpec, render, sbatch, slurm_present
+
+
+def cmd_slurm(args) -> int:
+    """Validate config and data, render <output_dir>/job.sbatch, check it with sbatch --test-only, submit."""
+    from launcher.launch import check_data
+    from training.config import load_config, save_config
+
+    cfg = load_config(args.config, args.overrides)
+    world_size = args.nodes * args.gpus_per_node
+    cfg.validate(world_size)
+    check_data(cfg.data.output_dir)
+    run_dir = Path(cfg.output_dir).resolve()
+    log_dir = run_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    config_path = run_dir / "config.yaml"
+    save_config(cfg, config_path)
+    spec = JobSpec(nodes=args.nodes, gpus_per_node=args.gpus_per_node, time=args.time, partition=args.partition,
+                   account=args.account, job_name=args.job_name, warn_seconds=args.warn_seconds,
+                   cpu_only=args.cpu_only)
+    script = run_dir / "job.sbatch"
+    script.write_text(render(spec, config_path, log_dir), encoding="utf-8")
+    print(f"wrote {script} ({args.nodes} node(s) x {args.gpus_per_node} rank(s), {world_size} ranks; "
+          f"logs in {log_dir})")
+    if not slurm_present():
+        print("sbatch not found here: not checked; submit it with `sbatch` on the cluster")
+        return 0
+    print(sbatch(script, test_only=True))
+    if args.submit:
+        job_id = sbatch(script)
+        (run_dir / "job_id").write_text(job_id + "\n", encoding="utf-8")
+        print(f"submitted job {job_id}")
+    return 0
+
+
+def register(subparsers, add_config_args) -> None:
+    """Add the `slurm` subcommand."""
+    p = subparsers.add_parser("slurm", help="render (and submit) a multi-node SLURM job for a run",
+                              description="Write <output_dir>/job.sbatch from slurm/train.sbatch: one srun task "
+                                          "per GPU, a USR1 warning before the time limit, checkpoint and "
+                                          "requeue. Checked with `sbatch --test-only` where SLURM is present.")
+    add_config_args(p)
+    p.add_argument("--nodes", type=int, required=True)
+    p.add_argument("--gpus-per-node", type=int, required=True, help="ranks (GPUs) per node")
+    p.add_argument("--time", required=True, help="time limit, HH:MM:SS or D-HH:MM:SS")
+    p.add_argument("--partition")
+    p.add_argument("--account")
+    p.add_argument("--job-name", default="zerotune")
+    p.add_argument("--warn-seconds", type=int, default=300,
+                   help="SIGUSR1 this many seconds before the limit: checkpoint, exit, requeue (default 300)")
+    p.add_argument("--cpu-only", action="store_true",
+                   help="ranks are CPU processes: request no GPUs (CPU test clusters)")
+    p.add_argument("--submit", action="store_true", help="submit the job after the check")
+    p.set_defaults(func=cmd_slurm)

@@ -1,0 +1,143 @@
+"""The launcher's argv, run dir and pre-flight checks, without starting any rank."""
+
+from __future__ import annotations
+
+import json
+import shlex
+
+import pytest
+import yaml
+
+from launcher.cli import main
+from launcher.cluster import Cluster, Host
+from launcher.launch import LaunchError, deepspeed_argv, launch_argv, srun_argv, stage_data
+
+
+def test_deepspeed_argv_local_and_hostfile():
+    local = Cluster([Host("localhost", 2)], "local", master_port=29555)
+    assert deepspeed_argv(local, "/r/config.yaml", "/repo/training/train.py") == [
+        "deepspeed", "--num_gpus", "2", "--master_port", "29555", "/repo/training/train.py",
+        "--config", "/r/config.yaml"]
+    multi = Cluster([Host("n1", 8), Host("n2", 8)], "hostfile", master_addr="n1")
+    assert deepspeed_argv(multi, "/r/config.yaml", "t.py", hostfile_path="/r/hostfile") == [
+        "deepspeed", "--hostfile", "/r/hostfile", "--master_addr", "n1", "--master_port", "29500", "t.py",
+        "--config", "/r/config.yaml"]
+    with pytest.raises(ValueError):
+        deepspeed_argv(multi, "/r/config.yaml")
+
+
+def test_srun_argv_one_task_per_gpu():
+    cluster = Cluster([Host("n1", 4), Host("n2", 4)], "slurm", master_addr="n1")
+    argv = srun_argv(cluster, "/r/config.yaml", "t.py", python="py")
+    assert argv == ["srun", "--nodes=2", "--ntasks-per-node=4", "--ntasks=8", "--kill-on-bad-exit=1", "py",
+                    "-m", "launcher.slurm_exec", "t.py", "--config", "/r/config.yaml"]
+    assert launch_argv(cluster, "/r/config.yaml")[0] == "srun"
+
+
+def test_dry_run_writes_the_run_dir_and_starts_nothing(make_run, capsys):
+    run_yaml = make_run()
+    assert main(["launch", str(run_yaml), "--num-gpus", "2", "--dry-run", "--set", "train.lr=5e-4"]) == 0
+    out = capsys.readouterr().out
+    raw = yaml.safe_load(run_yaml.read_text())
+    run_dir = run_yaml.parent / "out"
+    assert "dry run: nothing started" in out
+    command = (run_dir / "command.txt").read_text().strip()
+    assert f"command: {command}" in out
+    assert shlex.split(command)[:3] == ["deepspeed", "--num_gpus", "2"]
+    assert shlex.split(command)[-2:] == ["--config", str((run_dir / "config.yaml").resolve())]
+    assert command in (run_dir / "launch.sh").read_text()
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["train"]["lr"] == 5e-4 and saved["data"]["output_dir"] == raw["data"]["output_dir"]
+    ds = json.loads((run_dir / "ds_config.json").read_text())
+    assert ds["train_batch_size"] == 2 * 1 * 2 and ds["zero_optimization"]["stage"] == 3
+    assignment = json.loads((run_dir / "assignment.json").read_text())
+    train = assignment["splits"]["train"]
+    assert assignment["world_size"] == 2 and len(train["ranges"]) == 2
+    assert train["sequences_per_rank"][0] == train["sequences_per_rank"][1] > 0
+    assert not (run_dir / "metrics.jsonl").exists() and not (run_dir / "checkpoints").exists()
+
+
+def test_every_rank_gets_the_same_number_of_sequences(make_run, prepared_data, capsys):
+    run_yaml = make_run()
+    manifest = json.loads((prepared_data / "manifest.json").read_text())
+    for world in (1, 3, 4):
+        assert main(["launch", str(run_yaml), "--num-gpus", str(world), "--dry-run"]) == 0
+        assignment = json.loads((run_yaml.parent / "out" / "assignment.json").read_text())
+        per_rank = assignment["splits"]["train"]["sequences_per_rank"]
+        assert len(per_rank) == world and len(set(per_rank)) == 1
+        assert per_rank[0] * world >= manifest["splits"]["train"]["sequences"]
+    capsys.readouterr()
+
+
+def test_batch_mismatch_fails_before_anything_is_written(make_run, capsys):
+    run_yaml = make_run(train={"global_batch_size": 16})
+    assert main(["launch", str(run_yaml), "--num-gpus", "2", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "train.global_batch_size 16 != train.micro_batch_size 2 x train.gradient_accumulation_steps 1 x " \
+           "data-parallel 2 = 4" in err
+    assert not (run_yaml.parent / "out").exists()
+
+
+def test_missing_data_is_one_clear_error(make_run, tmp_path, capsys):
+    run_yaml = make_run(data={"output_dir": str(tmp_path / "never-prepared")})
+    assert main(["launch", str(run_yaml), "--num-gpus", "1", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "manifest.json not found" in err and "zerotune prep" in err and len(err.splitlines()) == 1
+
+
+def test_unresolvable_host_in_hostfile_fails_before_start(make_run, tmp_path, capsys):
+    run_yaml = make_run()
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=1\nzerotune-missing-node.invalid slots=1\n")
+    assert main(["launch", str(run_yaml), "--hostfile", str(hostfile), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "zerotune-missing-node.invalid does not resolve" in err and str(hostfile) in err
+    assert not (run_yaml.parent / "out").exists()
+
+
+def test_stage_data_copies_and_verifies(prepared_data, tmp_path):
+    from data_prep.format import load_manifest
+
+    manifest = load_manifest(prepared_data)
+    local = Cluster([Host("localhost", 2)], "local")
+    dest = stage_data(prepared_data, tmp_path / "staged", local, manifest)
+    assert (dest / "manifest.json").is_file()
+    assert sorted(p.relative_to(dest) for p in dest.rglob("*.npy")) == \
+        sorted(p.relative_to(prepared_data) for p in prepared_data.rglob("*.npy"))
+
+
+def test_stage_data_detects_a_corrupt_copy(prepared_data, tmp_path, monkeypatch):
+    import shutil as shutil_mod
+
+    from data_prep.format import ManifestError, load_manifest
+
+    real_copy = shutil_mod.copy2
+
+    def corrupting_copy(src, dst):
+        real_copy(src, dst)
+        if str(src).endswith("shard-00000.labels.npy"):
+            with open(dst, "r+b") as fh:
+                fh.seek(-1, 2)
+                fh.write(b"\x7f")
+
+    monkeypatch.setattr("launcher.launch.shutil.copy2", corrupting_copy)
+    with pytest.raises(ManifestError, match="does not match its checksum"):
+        stage_data(prepared_data, tmp_path / "staged", Cluster([Host("localhost", 1)], "local"),
+                   load_manifest(prepared_data))
+
+
+def test_stage_data_refuses_remote_hostfile_hosts(prepared_data, tmp_path):
+    cluster = Cluster([Host("localhost", 1), Host("10.255.255.1", 1)], "hostfile")
+    with pytest.raises(LaunchError, match="remote hosts"):
+        stage_data(prepared_data, tmp_path / "staged", cluster, {})
+
+
+def test_stage_data_option_points_the_run_at_the_copy(make_run, tmp_path, capsys, monkeypatch):
+    import launcher.launch_cli as cli_mod
+
+    run_yaml = make_run()
+    monkeypatch.setattr(cli_mod, "run_ranks", lambda argv: 0)  # everything but starting the ranks
+    assert main(["launch", str(run_yaml), "--num-gpus", "1", "--stage-data", str(tmp_path / "local")]) == 0
+    saved = yaml.safe_load((run_yaml.parent / "out" / "config.yaml").read_text())
+    assert saved["data"]["output_dir"] == str(tmp_path / "local")
+    assert "verified against the manifest" in capsys.readouterr().out
