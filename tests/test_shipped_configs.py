@@ -304,3 +304,22 @@ def test_override_starting_with_hash_is_text_not_a_comment(tmp_path):
                                                         "eval.max_batches=~"])
     assert cfg.data.system_prompt == "#1 rule: be brief"
     assert cfg.eval.max_batches is None  # a real YAML null still means null
+
+
+def test_key_given_twice_is_an_error_naming_it_and_its_line(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("output_dir: out\ntrain:\n  lr: 1.0e-4\n  lr: 2.0e-4\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, validate=False)
+    assert "'lr' appears twice" in str(info.value) and "line 4" in str(info.value)
+
+
+def test_section_with_every_line_commented_out_takes_defaults(tmp_path):
+    path = tmp_path / "empty_section.yaml"
+    path.write_text("output_dir: out\nlogging:\n  # tensorboard_dir: tb\neval:\n", encoding="utf-8")
+    cfg = load_config(path, validate=False)
+    assert cfg.logging == RunConfig().logging and cfg.eval == RunConfig().eval
+
+
+def test_config_error_is_marked_as_the_users():
+    assert getattr(ConfigError(["x"]), "user_error", False) is True

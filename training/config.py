@@ -28,6 +28,8 @@ DS_CONFIG_DIR = REPO_ROOT / "ds_configs"
 class ConfigError(ValueError):
     """One or more problems in a run config, each naming its dotted key."""
 
+    user_error = True
+
     def __init__(self, problems: list[str], source: str | None = None):
         self.problems = list(problems)
         head = f"invalid config {source}" if source else "invalid config"
@@ -224,7 +226,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None, validate: 
     if not path.is_file():
         raise ConfigError([f"config file {path} does not exist"])
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictYamlLoader)  # noqa: S506 - safe subclass
     except yaml.YAMLError as exc:
         raise ConfigError([f"{path} is not valid YAML: {exc}"]) from None
     if raw is None:
@@ -260,6 +262,21 @@ def save_config(cfg: RunConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
 
 
+class _StrictYamlLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML silently keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one section (line {key_node.start_mark.line + 1}); "
+                                f"keep one", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 _YAML_NULLS = ("", "null", "Null", "NULL", "~")
 
 
@@ -290,6 +307,8 @@ def from_dict(cls, data: Any, prefix: str = "", problems: list[str] | None = Non
     own = problems is None
     problems = [] if own else problems
     where = prefix or "(top level)"
+    if data is None and prefix:
+        data = {}  # a section whose every line is commented out: all defaults
     if not isinstance(data, dict):
         problems.append(f"{where}: expected a mapping, got {type(data).__name__}")
         data = {}
