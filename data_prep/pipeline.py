@@ -246,6 +246,8 @@ def _build(cfg, tokenizer, tokenizer_path, sources, key_parts, cache_key, work: 
     rows_read = _count_by_split(split_ids, np.ones(len(split_ids), dtype=bool))
     drops = {name: dict.fromkeys(DROP_REASONS, 0) for name in SPLITS}
     kept = _drop_clean_rows(ds, split_ids, drops)
+    if not len(kept):
+        raise _empty_data_error(drops, rows_read)
     docs = ds.select(kept)
     tok = _tokenize(cfg, docs, kind, tokenizer, sources, cache, cache_key[:16])
     split_kept = split_ids[kept]

@@ -7,6 +7,7 @@ line by line to name the exact line (the parsers' own messages often point at th
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 import logging
@@ -70,6 +71,9 @@ def read_source(src: Source, cache_dir: Path, num_proc: int = 1):
 
     if src.fmt != "arrow" and src.path.stat().st_size == 0:
         raise DataError(f"{src.path}: the file is empty; remove it from data.sources or fill it")
+    if src.fmt in ("csv", "json") and not _is_utf8(src.path):
+        # pyarrow's JSON reader lets bad bytes through to fail later without a location: check up front.
+        raise DataError(f"{src.path}: {_first_bad_utf8(src.path)}")
     logging.getLogger("datasets").setLevel(logging.ERROR)  # its own "Failed to read" line would repeat ours
     try:
         if src.fmt == "arrow":
@@ -102,6 +106,18 @@ def diagnose(src: Source) -> str | None:
     return _first_bad_csv_row(src.path) if src.fmt == "csv" else _first_bad_json_line(src.path)
 
 
+def _is_utf8(path: Path) -> bool:
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                decoder.decode(chunk)
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def _first_bad_utf8(path: Path) -> str | None:
     offset_bytes = 0
     with open(path, "rb") as fh:
@@ -119,18 +135,20 @@ def _first_bad_utf8(path: Path) -> str | None:
 def _first_bad_csv_row(path: Path) -> str | None:
     with open(path, newline="", encoding="utf-8") as fh:
         reader = csv.reader(fh, strict=True)
-        last_good_line = 0
+        last_good_line, data_rows = 0, 0
         try:
-            header = next(reader)
+            header = next(reader, [])
             last_good_line = reader.line_num
             for row in reader:
                 if len(row) > len(header):
                     return (f"line {reader.line_num}: {len(row)} fields but the header has {len(header)}; "
                             f"quote fields that contain commas (\"a, b\") and double quotes inside them (\"\")")
-                last_good_line = reader.line_num
+                last_good_line, data_rows = reader.line_num, data_rows + 1
         except csv.Error as exc:
             return (f"line {last_good_line + 1}: malformed CSV ({exc}), e.g. a quote that is never closed; "
                     f"close the quote or double the quote characters inside the field")
+    if not data_rows:
+        return "no data rows (only a header, or nothing but blank lines); fill it or remove it from data.sources"
     return None
 
 
@@ -139,6 +157,7 @@ def _first_bad_json_line(path: Path) -> str | None:
         first = fh.read(1)
     if first == "[":
         return None  # a JSON array file, not JSON Lines: its parser's own message is all we have
+    objects = 0
     with open(path, encoding="utf-8") as fh:
         for line_no, line in enumerate(fh, start=1):
             if not line.strip():
@@ -150,7 +169,8 @@ def _first_bad_json_line(path: Path) -> str | None:
                         f"complete JSON object")
             if not isinstance(value, dict):
                 return f"line {line_no}: a JSON {type(value).__name__}, expected one object per line"
-    return None
+            objects += 1
+    return None if objects else "no data rows (nothing but blank lines); fill it or remove it from data.sources"
 
 
 def resolve_record_type(columns: list[str], cfg, src: Source) -> str:
