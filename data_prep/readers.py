@@ -74,7 +74,9 @@ def read_source(src: Source, cache_dir: Path, num_proc: int = 1):
     if src.fmt in ("csv", "json") and not _is_utf8(src.path):
         # pyarrow's JSON reader lets bad bytes through to fail later without a location: check up front.
         raise DataError(f"{src.path}: {_first_bad_utf8(src.path)}")
-    logging.getLogger("datasets").setLevel(logging.ERROR)  # its own "Failed to read" line would repeat ours
+    ds_logger = logging.getLogger("datasets")
+    level = ds_logger.level
+    ds_logger.setLevel(logging.CRITICAL)  # its own "Failed to read" traceback would bury our one line
     try:
         if src.fmt == "arrow":
             ds = datasets.load_from_disk(str(src.path))
@@ -90,6 +92,8 @@ def read_source(src: Source, cache_dir: Path, num_proc: int = 1):
         cause = exc.__cause__ or exc
         where = diagnose(src) or f"could not be read ({type(cause).__name__}: {cause})"
         raise DataError(f"{src.path}: {where}") from None
+    finally:
+        ds_logger.setLevel(level)
     if len(ds) == 0:
         raise DataError(f"{src.path}: no data rows (only a header, or nothing but blank lines); fill it or "
                         f"remove it from data.sources")

@@ -171,3 +171,10 @@ def test_output_replaces_old_folder_only_when_complete(tiny_model_dir, qa_csv, m
     assert load_manifest(cfg.output_dir)["seq_len"] == 200
     assert sorted(p.name for p in parent.iterdir() if p.name.startswith(".")) == [], "no temporary folders left"
     shutil.rmtree(cfg.output_dir)
+
+
+def test_worker_processes_give_identical_output(tiny_model_dir, qa_csv, make_cfg):
+    single = prepare(make_cfg([qa_csv], map_batch_size=64), str(tiny_model_dir))
+    multi = prepare(make_cfg([qa_csv], num_proc=2, map_batch_size=17), str(tiny_model_dir), force=True)
+    strip = lambda m: {k: v for k, v in m.items() if k not in ("created_at", "settings")}  # noqa: E731
+    assert strip(multi) == strip(single)
