@@ -9,15 +9,15 @@ on the probe batch saved with the checkpoint.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from training import checkpoint as ckpt
 from training.model import PRECISION_DTYPES
 
 # Largest tolerated max |logit difference| / max |logit| on the probe, by the coarser precision involved:
@@ -42,6 +42,7 @@ class ExportResult:
     dtype: str
     num_params: int
     probe_relative_error: float
+    notes: list[str] = field(default_factory=list)
 
 
 def export_checkpoint(run_dir: str | os.PathLike, out_dir: str | os.PathLike, tag: str | None = None,
@@ -57,7 +58,7 @@ def export_checkpoint(run_dir: str | os.PathLike, out_dir: str | os.PathLike, ta
     if not (run / "config.yaml").is_file():
         raise ExportError(f"{run}: not a run directory (no config.yaml); pass the run's output_dir")
     cfg = load_config(run / "config.yaml", validate=False)
-    tag_dir = resolve_checkpoint(run / "checkpoints", tag)
+    tag_dir, notes = resolve_checkpoint(run / "checkpoints", tag)
     save_precision = dtype or cfg.train.precision
     if save_precision not in PRECISION_DTYPES:
         raise ExportError(f"--dtype: {save_precision!r} is not one of {', '.join(PRECISION_DTYPES)}")
@@ -78,14 +79,10 @@ def export_checkpoint(run_dir: str | os.PathLike, out_dir: str | os.PathLike, ta
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return ExportResult(out, tag_dir.name, stage, save_precision, num_params, error)
+    return ExportResult(out, tag_dir.name, stage, save_precision, num_params, error, notes)
 
 
 # --------------------------------------------------------------------------- finding the checkpoint
-
-
-def _is_complete(tag_dir: Path) -> bool:
-    return (tag_dir / "COMPLETE").is_file()
 
 
 def _read_pointer(ckpt_root: Path, name: str) -> str | None:
@@ -93,49 +90,30 @@ def _read_pointer(ckpt_root: Path, name: str) -> str | None:
     return pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else None
 
 
-def resolve_checkpoint(ckpt_root: Path, tag: str | None) -> Path:
-    """The checkpoint folder for ``tag``: a tag name, ``latest``, ``best``, or None (latest complete)."""
+def resolve_checkpoint(ckpt_root: Path, tag: str | None) -> tuple[Path, list[str]]:
+    """The checkpoint folder for ``tag`` (a tag name, ``latest``, ``best``, or None for the latest complete
+    one, as resuming picks it) and notes on what was skipped to find it."""
     if not ckpt_root.is_dir():
         raise ExportError(f"{ckpt_root}: no checkpoints folder; has the run saved a checkpoint yet?")
+    complete = ", ".join(ckpt.complete_tags(ckpt_root)) or "none"
     if tag is None:
-        return _latest_complete(ckpt_root)
+        chosen, notes = ckpt.find_resume_tag(ckpt_root)
+        if chosen is None:
+            raise ExportError(f"{ckpt_root}: no complete checkpoint (none has both {ckpt.COMPLETE_MARKER} and "
+                              f"{ckpt.STATE_FILE}); a save was interrupted or none has run yet")
+        return ckpt_root / chosen, notes
     name = _read_pointer(ckpt_root, tag) if tag in ("latest", "best") else tag
-    if name is None:
-        raise ExportError(f"--tag {tag}: {ckpt_root / tag} does not exist (no {tag} checkpoint recorded)")
+    if not name:
+        raise ExportError(f"--tag {tag}: {ckpt_root / tag} does not exist (no {tag} checkpoint recorded); "
+                          f"complete checkpoints: {complete}")
     tag_dir = ckpt_root / name
     if not tag_dir.is_dir():
-        raise ExportError(f"--tag {tag}: checkpoint {tag_dir} does not exist; have: {_tags(ckpt_root)}")
-    if not _is_complete(tag_dir):
-        raise ExportError(f"checkpoint {tag_dir} is incomplete (no COMPLETE marker: the save was "
-                          f"interrupted); export another with --tag, complete ones: {_complete_tags(ckpt_root)}")
-    return tag_dir
-
-
-def _tags(ckpt_root: Path) -> str:
-    return ", ".join(sorted(p.name for p in ckpt_root.iterdir() if p.is_dir())) or "none"
-
-
-def _complete_tags(ckpt_root: Path) -> str:
-    return ", ".join(sorted(p.name for p in ckpt_root.iterdir() if p.is_dir() and _is_complete(p))) or "none"
-
-
-def _saved_step(tag_dir: Path) -> int:
-    try:
-        return int(json.loads((tag_dir / "zerotune_state.json").read_text()).get("step", -1))
-    except (OSError, ValueError, AttributeError):
-        return -1
-
-
-def _latest_complete(ckpt_root: Path) -> Path:
-    """The ``latest`` pointer's checkpoint when complete, else the complete one with the highest step."""
-    name = _read_pointer(ckpt_root, "latest")
-    if name and _is_complete(ckpt_root / name):
-        return ckpt_root / name
-    complete = [p for p in ckpt_root.iterdir() if p.is_dir() and _is_complete(p)]
-    if not complete:
-        raise ExportError(f"{ckpt_root}: no complete checkpoint (none has a COMPLETE marker); "
-                          f"checkpoints present: {_tags(ckpt_root)}")
-    return max(complete, key=lambda p: (_saved_step(p), p.stat().st_mtime))
+        raise ExportError(f"--tag {tag}: checkpoint {tag_dir} does not exist; complete checkpoints: {complete}")
+    if not ckpt.is_complete(tag_dir):
+        raise ExportError(f"checkpoint {tag_dir} is incomplete (no {ckpt.COMPLETE_MARKER} marker or "
+                          f"{ckpt.STATE_FILE}: the save was interrupted); export another with --tag, "
+                          f"complete ones: {complete}")
+    return tag_dir, []
 
 
 def zero_stage(tag_dir: Path) -> int:

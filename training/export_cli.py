@@ -8,6 +8,8 @@ def cmd_export(args) -> int:
     from training.export import export_checkpoint
 
     result = export_checkpoint(args.run_dir, args.out, tag=args.tag, dtype=args.dtype)
+    for note in result.notes:
+        print(f"note: {note}")
     print(f"exported checkpoint {result.tag} (ZeRO stage {result.zero_stage}) to {result.out_dir}: "
           f"{result.num_params:,} parameters in {result.dtype}, probe logits within "
           f"{result.probe_relative_error:.2g} of the trained model's")

@@ -16,6 +16,7 @@ from pathlib import Path
 import deepspeed
 import torch
 
+from training.checkpoint import tag_for_step
 from training.config import RunConfig, save_config
 from training.model import forward_logits, load_model, token_loss
 from training.probe import save_probe
@@ -90,9 +91,9 @@ def main() -> None:
         engine.backward(loss_sum / count)
         engine.step()
         if step in (2, 4):
-            _save(engine, ckpt_root, f"step-{step}", step, probe_ids)
+            _save(engine, ckpt_root, tag_for_step(step), step, probe_ids)
     if torch.distributed.get_rank() == 0:
-        (ckpt_root / "best").write_text("step-2")
+        (ckpt_root / "best").write_text(tag_for_step(2))
     reference_ids = torch.randint(5, vocab, (1, 16), generator=torch.Generator().manual_seed(7))
     save_probe(engine, reference_ids, run_dir / "reference.safetensors")
     torch.distributed.barrier()

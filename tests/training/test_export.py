@@ -98,7 +98,7 @@ def test_export_round_trip(request, run_name, stage, dtype, tmp_path, capsys):
     run_dir = request.getfixturevalue(run_name)
     out = tmp_path / "hf"
     assert zerotune(["export", str(run_dir), "--out", str(out)]) == 0
-    assert f"exported checkpoint step-4 (ZeRO stage {stage})" in capsys.readouterr().out
+    assert f"exported checkpoint step-00000004 (ZeRO stage {stage})" in capsys.readouterr().out
 
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.dtype == dtype and _saved_dtypes(out) == {str(dtype)}
@@ -124,7 +124,7 @@ def test_zero3_model_was_built_partitioned(zero3_run):
 def test_best_tag_and_dtype_override(zero2_run, tmp_path):
     best = export_checkpoint(zero2_run, tmp_path / "best", tag="best", dtype="bf16")
     latest = export_checkpoint(zero2_run, tmp_path / "latest")
-    assert (best.tag, latest.tag) == ("step-2", "step-4")
+    assert (best.tag, latest.tag) == ("step-00000002", "step-00000004")
     assert _saved_dtypes(tmp_path / "best") == {"torch.bfloat16"}
     assert _saved_dtypes(tmp_path / "latest") == {"torch.float32"}
     a = load_file(str(tmp_path / "best" / "model.safetensors"))
@@ -134,21 +134,23 @@ def test_best_tag_and_dtype_override(zero2_run, tmp_path):
 
 @pytest.mark.dist
 def test_incomplete_checkpoint_refused(zero2_copy, tmp_path, capsys):
-    (zero2_copy / "checkpoints" / "step-4" / "COMPLETE").unlink()
-    with pytest.raises(ExportError, match=r"step-4 is incomplete .*complete ones: step-2"):
-        export_checkpoint(zero2_copy, tmp_path / "out", tag="step-4")
+    (zero2_copy / "checkpoints" / "step-00000004" / "COMPLETE").unlink()
+    with pytest.raises(ExportError, match=r"step-00000004 is incomplete .*complete ones: step-00000002"):
+        export_checkpoint(zero2_copy, tmp_path / "out", tag="step-00000004")
     assert zerotune(["export", str(zero2_copy), "--tag", "latest", "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "incomplete" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
     # With no tag, the newest complete checkpoint is exported instead.
-    assert export_checkpoint(zero2_copy, tmp_path / "out").tag == "step-2"
+    fallback = export_checkpoint(zero2_copy, tmp_path / "out")
+    assert fallback.tag == "step-00000002"
+    assert any("skipping incomplete checkpoint(s) step-00000004" in note for note in fallback.notes)
 
 
 @pytest.mark.dist
 def test_corrupt_weights_refused_by_probe(zero2_copy, tmp_path):
     """Rank 1's shard reversed: same count, same norms, wrong weights. Only the probe can tell."""
-    shard = zero2_copy / "checkpoints" / "step-4" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    shard = zero2_copy / "checkpoints" / "step-00000004" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
     states = torch.load(shard, map_location="cpu", weights_only=False)
     groups = states["optimizer_state_dict"]["single_partition_of_fp32_groups"]
     groups[0] = groups[0].detach().flip(0).clone()
