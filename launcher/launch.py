@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launcher.cluster import Cluster, build_hostfile
+from launcher.slurm import RANK_EXIT_GRACE_S
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TRAIN_SCRIPT = REPO_ROOT / "training" / "train.py"
@@ -65,9 +66,10 @@ def srun_argv(cluster: Cluster, config_path: str | Path, train_script: str | Pat
               python: str = "python") -> list[str]:
     """One srun task per GPU; each maps SLURM_PROCID etc. to RANK/WORLD_SIZE/LOCAL_RANK and runs the driver."""
     per_node = cluster.hosts[0].slots
+    # Same exit policy as slurm/train.sbatch: peers of the first rank to end get a grace period.
     return ["srun", f"--nodes={cluster.num_nodes}", f"--ntasks-per-node={per_node}",
-            f"--ntasks={cluster.world_size}", "--kill-on-bad-exit=1", python, "-m", "launcher.slurm_exec",
-            str(train_script), "--config", str(config_path)]
+            f"--ntasks={cluster.world_size}", "--kill-on-bad-exit=0", f"--wait={RANK_EXIT_GRACE_S}", python,
+            "-m", "launcher.slurm_exec", str(train_script), "--config", str(config_path)]
 
 
 def launch_argv(cluster: Cluster, config_path: str | Path, hostfile_path: str | Path | None = None,

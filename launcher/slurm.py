@@ -13,6 +13,8 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = REPO_ROOT / "slurm" / "train.sbatch"
 TRAIN_SCRIPT = REPO_ROOT / "training" / "train.py"
+# After the first rank ends, how long srun lets the others end by themselves before killing them.
+RANK_EXIT_GRACE_S = 60
 
 
 class SlurmError(RuntimeError):
@@ -65,7 +67,7 @@ def render(spec: JobSpec, run_config: str | Path, log_dir: str | Path, python: s
               "NODES": str(spec.nodes), "RANKS_PER_NODE": str(spec.gpus_per_node), "TIME": spec.time,
               "EXTRA_SBATCH": "\n".join(extra), "REPO_ROOT": shlex.quote(str(REPO_ROOT)),
               "PYTHON": shlex.quote(python), "TRAIN_SCRIPT": shlex.quote(str(TRAIN_SCRIPT)),
-              "RUN_CONFIG": shlex.quote(str(run_config))}
+              "RUN_CONFIG": shlex.quote(str(run_config)), "RANK_EXIT_GRACE_S": str(RANK_EXIT_GRACE_S)}
     text = TEMPLATE.read_text(encoding="utf-8") if template is None else template
     out = re.sub(r"@([A-Z_]+)@", lambda m: values[m.group(1)] if m.group(1) in values else m.group(0), text)
     left = re.findall(r"@[A-Z_]+@", out)

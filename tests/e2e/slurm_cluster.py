@@ -59,6 +59,32 @@ class SlurmCluster:
                              f"{info.get('JobState')} {info.get('Reason')}")
 
 
+def _root_conftest():
+    """tests/conftest.py by path (the name `conftest` is ambiguous inside tests/e2e)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("zerotune_root_conftest", Path(__file__).parent.parent / "conftest.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def train_losses(run_dir: Path) -> dict[int, list[float]]:
+    """Every logged training loss in ``run_dir/metrics.jsonl`` per step (a step logged twice appears twice)."""
+    import json
+
+    out: dict[int, list[float]] = {}
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return out
+    for line in path.read_text().splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            if rec.get("kind") == "train" and "train/loss" in rec:
+                out.setdefault(int(rec["step"]), []).append(rec["train/loss"])
+    return out
+
+
 def slurm_installed() -> bool:
     """True where the daemons and clients are installed."""
     return all(shutil.which(b) for b in ("slurmctld", "slurmd", "sbatch", "munged"))
@@ -200,8 +226,7 @@ def stop_cluster(root: Path, started_munge: bool) -> None:
 @pytest.fixture(scope="session")
 def slurm_cluster(tmp_path_factory):
     """A running two-node cluster (n1, n2) for the session; fails in CI when SLURM is not installed."""
-    from conftest import require
-
+    require = _root_conftest().require
     require(slurm_installed(), "SLURM (apt packages slurm-wlm and munge)")
     require(os.geteuid() == 0, "root (to start munged and slurmd)")
     root = tmp_path_factory.mktemp("slurm")

@@ -29,7 +29,7 @@ def test_deepspeed_argv_local_and_hostfile():
 def test_srun_argv_one_task_per_gpu():
     cluster = Cluster([Host("n1", 4), Host("n2", 4)], "slurm", master_addr="n1")
     argv = srun_argv(cluster, "/r/config.yaml", "t.py", python="py")
-    assert argv == ["srun", "--nodes=2", "--ntasks-per-node=4", "--ntasks=8", "--kill-on-bad-exit=1", "py",
+    assert argv == ["srun", "--nodes=2", "--ntasks-per-node=4", "--ntasks=8", "--kill-on-bad-exit=0", "--wait=60", "py",
                     "-m", "launcher.slurm_exec", "t.py", "--config", "/r/config.yaml"]
     assert launch_argv(cluster, "/r/config.yaml")[0] == "srun"
 

@@ -28,6 +28,7 @@ def test_render_fills_every_placeholder_and_sbatch_lines_are_literal(tmp_path):
         assert f"#SBATCH {expected}" in lines
     assert f"--config {tmp_path}/run/config.yaml" in text
     assert "scontrol requeue" in text and "PREEMPTED_EXIT_CODE=85" in text
+    assert "--wait=60" in text and "--kill-on-bad-exit=0" in text
 
 
 def test_render_cpu_only_requests_no_gpus(tmp_path):
