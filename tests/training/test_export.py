@@ -6,6 +6,7 @@ The checkpoints are written by ``export_checkpoint_writer.py`` through the real 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -20,10 +21,18 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from launcher.cli import main as zerotune
-from conftest import REPO_ROOT, require
 from training.export import ExportError, export_checkpoint
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
 WRITER = Path(__file__).with_name("export_checkpoint_writer.py")
+
+
+def require(condition: bool, what: str) -> None:
+    """tests/conftest.py's require, loaded by path: the name `conftest` is ambiguous across tests/."""
+    spec = importlib.util.spec_from_file_location("zerotune_root_conftest", REPO_ROOT / "tests" / "conftest.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.require(condition, what)
 
 
 def _free_port() -> int:
