@@ -47,6 +47,9 @@ class Templater:
                             "tokenizer_config.json (eos_token) so the model can learn to stop")
         # Chat templates already place their special tokens (BOS included) in the text.
         self.add_special_tokens = not self.use_chat
+        self.backend = tokenizer.backend_tokenizer
+        self.backend.no_truncation()  # over-length rows are handled by data.excess_length, not cut silently
+        self.backend.no_padding()
 
     def render(self, record: dict) -> Rendered:
         """Template one cleaned record."""
@@ -88,7 +91,7 @@ class Templater:
         return Rendered(full, spans, append_eos=bool(spans) and not ends_with_eos)
 
     def _assistant_span(self, messages, i: int, full: str, search_from: int) -> Span:
-        upto = self._chat(messages[: i + 1])
+        upto = full if i == len(messages) - 1 else self._chat(messages[: i + 1])
         if i > 0:
             head = self._chat(messages[:i], generation_prompt=True)
             if full.startswith(head) and full.startswith(upto) and search_from <= len(head) < len(upto):
@@ -135,13 +138,13 @@ def tokenize_batch(batch: dict, *, templater: Templater, seq_len: int,
     """
     columns = [c for c in batch if not c.startswith("_")]
     rendered = [templater.render({c: batch[c][i] for c in columns}) for i in range(len(batch['_src']))]
-    enc = templater.tok([r.text for r in rendered], add_special_tokens=templater.add_special_tokens,
-                        return_offsets_mapping=True)
+    # The Rust tokenizer directly: transformers' wrapper would convert every encoding to Python lists first.
+    enc = templater.backend.encode_batch([r.text for r in rendered], add_special_tokens=templater.add_special_tokens)
     out = {k: [] for k in ("input_ids", "labels", "n_tokens_raw", "n_tokens", "n_supervised", "truncated", "_drop2")}
     eos = templater.tok.eos_token_id
     for i, r in enumerate(rendered):
-        ids = np.asarray(enc["input_ids"][i], dtype=np.int32)
-        labels = labels_from_spans(enc["input_ids"][i], enc["offset_mapping"][i], r.spans)
+        ids = np.asarray(enc[i].ids, dtype=np.int32)
+        labels = labels_from_spans(enc[i].ids, enc[i].offsets, r.spans)
         if r.append_eos:
             ids, labels = np.append(ids, np.int32(eos)), np.append(labels, np.int32(eos))
         labels[:1] = IGNORE_INDEX  # FORMAT.md: a document's first token is never a target

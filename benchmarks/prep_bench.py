@@ -1,0 +1,106 @@
+"""Prep throughput and peak memory, on the bundled sample and on a synthetic enlargement of it.
+
+Run by hand (not a test):  python benchmarks/prep_bench.py [--scales 1 100] [--num-proc 1] [--seq-len 512]
+
+Each case runs `prepare` in a fresh child process; this script samples the RSS of that process and all its
+children every 20 ms and reports the high-water mark (the sum over the tree), the wall time, and tokens/s
+(all templated tokens written, every split). The enlargement repeats every row with varied numbers and
+words, so deduplication keeps the copies and the work really grows with the scale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = REPO_ROOT / "examples" / "data" / "data_science_questions.csv"
+_SWAPS = ["for example", "in practice", "as a rule", "typically", "in short", "notably", "often", "usually"]
+
+CHILD = """
+import json, sys, time
+from data_prep.config import DataConfig
+from data_prep.pipeline import prepare
+cfg = DataConfig(**json.loads(sys.argv[1]))
+t0 = time.perf_counter()
+m = prepare(cfg, sys.argv[2], force=True)
+print("RESULT", json.dumps({"seconds": time.perf_counter() - t0,
+      "tokens": sum(s["tokens"] for s in m["splits"].values()),
+      "documents": sum(s["documents"] for s in m["splits"].values())}))
+"""
+
+
+def enlarge(src: Path, dst: Path, scale: int) -> int:
+    """Write ``scale`` varied copies of every row of ``src``; returns the rows written."""
+    with open(src, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    written = 0
+    with open(dst, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        for k in range(scale):
+            for i, row in enumerate(rows):
+                if k == 0:
+                    writer.writerow(row)
+                else:
+                    swap = _SWAPS[(i + k) % len(_SWAPS)]
+                    writer.writerow({"question": f"{row['question']} (case {k}.{i})",
+                                     "answer": f"{row['answer']} {swap.capitalize()}, case {k * 7 + i} applies."})
+                written += 1
+    return written
+
+
+def run_case(data: Path, model: Path, out: Path, seq_len: int, num_proc: int) -> dict:
+    """Prepare ``data`` in a child process; return its timing, tokens and the tree's peak RSS."""
+    cfg = {"sources": [str(data)], "output_dir": str(out), "seq_len": seq_len, "prompt_column": "question",
+           "response_column": "answer", "num_proc": num_proc, "validation_fraction": 0.1, "test_fraction": 0.1}
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(cfg), str(model)], cwd=REPO_ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    peak_bytes, ps = 0, psutil.Process(proc.pid)
+    while proc.poll() is None:
+        try:
+            tree = [ps] + ps.children(recursive=True)
+            peak_bytes = max(peak_bytes, sum(p.memory_info().rss for p in tree if p.is_running()))
+        except psutil.Error:
+            pass
+        time.sleep(0.02)
+    stdout = proc.stdout.read()
+    if proc.returncode != 0:
+        raise SystemExit(f"prep failed (exit {proc.returncode}):\n{stdout[-2000:]}")
+    result = json.loads(next(l for l in stdout.splitlines() if l.startswith("RESULT"))[len("RESULT "):])
+    result["peak_rss_mib"] = round(peak_bytes / 2**20, 1)
+    result["tokens_per_s"] = round(result["tokens"] / result["seconds"])
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scales", type=int, nargs="+", default=[1, 100])
+    parser.add_argument("--num-proc", type=int, default=1)
+    parser.add_argument("--seq-len", type=int, default=512)
+    args = parser.parse_args()
+    sys.path.insert(0, str(REPO_ROOT))
+    from training.tiny_model import write_tiny_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model = write_tiny_model(tmp / "model", [str(SAMPLE)], vocab_size=2048, hidden_size=64, num_layers=2)
+        for scale in args.scales:
+            data = tmp / f"x{scale}.csv"
+            rows = enlarge(SAMPLE, data, scale)
+            r = run_case(data, model, tmp / f"out{scale}", args.seq_len, args.num_proc)
+            print(f"scale {scale:>4}x  rows {rows:>7}  docs {r['documents']:>7}  tokens {r['tokens']:>9}  "
+                  f"{r['seconds']:7.1f} s  {r['tokens_per_s']:>8} tokens/s  peak RSS {r['peak_rss_mib']:7.1f} MiB",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
