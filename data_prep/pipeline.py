@@ -180,6 +180,15 @@ def read_and_clean(cfg, sources: list[Source], cache: Path, fingerprint: str):
     return ds, kinds[0]
 
 
+def equals(ds, name: str, value: str) -> np.ndarray:
+    """Boolean mask of rows whose string column ``name`` equals ``value`` (no Python string per row)."""
+    import pyarrow.compute as pc
+
+    parts = [pc.equal(b.column(name), value).to_numpy(zero_copy_only=False)
+             for b in ds.select_columns([name]).with_format("arrow").iter(batch_size=100_000)]
+    return np.concatenate(parts).astype(bool) if parts else np.zeros(0, dtype=bool)
+
+
 def column(ds, name: str) -> np.ndarray:
     """One column as a numpy array, read in Arrow batches (respects a selection; no Python objects)."""
     parts = [b.column(name).to_numpy(zero_copy_only=False)
@@ -200,7 +209,7 @@ def _empty_data_error(drops: dict, rows_read: dict) -> DataError:
 
 def _drop_clean_rows(ds, split_ids: np.ndarray, drops: dict) -> np.ndarray:
     """Row indices that survive empty-field and duplicate drops (counted into ``drops`` per split)."""
-    empty = column(ds, "_drop") == "empty_field"
+    empty = equals(ds, "_drop", "empty_field")
     hashes = column(ds, "_hash")
     nonempty = np.flatnonzero(~empty)
     duplicate = np.zeros(len(hashes), dtype=bool)
@@ -251,11 +260,10 @@ def _build(cfg, tokenizer, tokenizer_path, sources, key_parts, cache_key, work: 
     docs = ds.select(kept)
     tok = _tokenize(cfg, docs, kind, tokenizer, sources, cache, cache_key[:16])
     split_kept = split_ids[kept]
-    reason = column(tok, "_drop2")
     for r in ("too_long", "no_supervised_tokens"):
-        for name, n in _count_by_split(split_kept, reason == r).items():
+        for name, n in _count_by_split(split_kept, equals(tok, "_drop2", r)).items():
             drops[name][r] = n
-    final = reason == ""
+    final = equals(tok, "_drop2", "")
     if not _count_by_split(split_kept, final)["train"]:
         raise _empty_data_error(drops, rows_read)
     lengths, truncated = column(tok, "n_tokens").astype(np.int64), column(tok, "truncated")
