@@ -21,8 +21,9 @@ from training import checkpoint as ckpt
 from training.model import PRECISION_DTYPES
 
 # Largest tolerated max |logit difference| / max |logit| on the probe, by the coarser precision involved:
-# the probe was computed on the training device, the check runs on CPU, so rounding differs a little.
-PROBE_TOLERANCE = {"fp32": 1e-3, "fp16": 1e-2, "bf16": 3e-2}
+# the probe was computed on the training device, the check runs on CPU, so kernels round differently
+# (bf16 keeps 8 bits of mantissa: ~0.4% per operation). A wrong or shuffled weight moves logits by far more.
+PROBE_TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2, "bf16": 5e-2}
 PRECISION_ORDER = ("fp32", "fp16", "bf16")
 
 

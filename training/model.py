@@ -169,6 +169,12 @@ def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return zeros.masked_fill(~mask, torch.finfo(dtype).min)
 
 
+def _one_document_per_row(position_ids: torch.Tensor, attention_mask: torch.Tensor) -> bool:
+    """True when no row is packed or padded, so plain causal attention is already exact."""
+    return bool(attention_mask.bool().all()) and bool(((position_ids == 0).sum(dim=1) == 1).all()) \
+        and bool((position_ids[:, 0] == 0).all())
+
+
 def forward_logits(model: nn.Module, batch: dict) -> torch.Tensor:
     """Run a (packed, padded) batch and return logits [B, T, V].
 
@@ -178,12 +184,13 @@ def forward_logits(model: nn.Module, batch: dict) -> torch.Tensor:
     hf_model = getattr(model, "module", model)
     impl = hf_model.config._attn_implementation
     input_ids, position_ids = batch["input_ids"], batch["position_ids"]
-    if impl in VARLEN_IMPLEMENTATIONS:
+    attention_mask = batch.get("attention_mask")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if impl in VARLEN_IMPLEMENTATIONS or _one_document_per_row(position_ids, attention_mask):
+        # No dense mask: the kernel's own causal path (and sdpa's flash kernel) applies.
         mask = None
     else:
-        attention_mask = batch.get("attention_mask")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
         mask = document_attention_mask(position_ids, attention_mask)
         if impl != "sdpa":  # eager and flex add the mask to the scores: a boolean one would add 0/1
             mask = _additive(mask, hf_model.dtype)
