@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import time
 from dataclasses import asdict, dataclass
@@ -90,6 +91,7 @@ class Driver:
         self.preempt = PreemptionFlag()
         self.probe_ids = self._probe_ids()
         self._saved_step = -1
+        self._pre_step_grad_norm: Optional[float] = None
 
     # ------------------------------------------------------------------ the loop
 
@@ -122,12 +124,14 @@ class Driver:
         scale = self.world_size / max(global_count, 1.0)
         lr = self.engine.get_lr()[0]
         loss_total = torch.zeros((), dtype=torch.float64)
-        for batch, count in zip(batches, counts):
+        for k, (batch, count) in enumerate(zip(batches, counts)):
             loss_sum, scored = self.loop.compute_loss(self.engine, batch)
             if int(scored) != count:
                 raise LossCountMismatch(f"loop {self.loop.name!r}: compute_loss scored {int(scored)} tokens but "
                                         f"count_tokens said {count}; make count_tokens match compute_loss")
             self.engine.backward(loss_sum * scale, scale_wrt_gas=False)
+            if k == len(batches) - 1:
+                self._pre_step_grad_norm = self._stage0_grad_norm()
             self.engine.step()
             loss_total += loss_sum.detach().double().cpu()
         (loss_global,) = self._all_sum([float(loss_total)])
@@ -221,6 +225,9 @@ class Driver:
         p = self.progress
         tag = ckpt.tag_for_step(p.step)
         folder = self.root / tag
+        if self.rank == 0 and folder.exists() and not ckpt.is_complete(folder):
+            shutil.rmtree(folder)  # left by a save that was killed; start it clean
+        dist.barrier()
         state = {"step": p.step, "epoch": p.epoch, "data_position": {"epoch": p.epoch,
                  "step_in_epoch": p.step_in_epoch}, "world_size": self.world_size,
                  "config_hash": self.ctx.config_hash, "manifest_cache_key": self.ctx.manifest.get("cache_key"),
@@ -288,6 +295,14 @@ class Driver:
         dist.all_reduce(t)
         return t.tolist()
 
+    def _stage0_grad_norm(self) -> Optional[float]:
+        """Without ZeRO, DeepSpeed clips but does not report the norm; the gradients are already averaged
+        over ranks after the boundary backward, so take the (pre-clipping) norm here."""
+        if self.ctx.zero_stage != 0:
+            return None
+        norms = [p.grad.detach().float().norm() for p in self.engine.module.parameters() if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else None
+
     def _probe_ids(self) -> Optional[torch.Tensor]:
         seqs = first_sequences(self.ctx.data_dir, self.ctx.manifest, "validation", PROBE_SEQUENCES) or \
             first_sequences(self.ctx.data_dir, self.ctx.manifest, "train", PROBE_SEQUENCES)
@@ -301,7 +316,7 @@ class Driver:
         if p.step % self.ctx.log_every_steps != 0 and p.step != self.total_steps:
             return
         tokens_per_sec = real_tokens / step_time
-        values = {"train/loss": loss, "train/lr": lr, "train/grad_norm": _grad_norm(self.engine),
+        values = {"train/loss": loss, "train/lr": lr, "train/grad_norm": _grad_norm(self.engine, self._pre_step_grad_norm),
                   "train/tokens_per_sec": tokens_per_sec,
                   "train/supervised_tokens_per_sec": supervised_tokens / step_time,
                   "train/step_time_sec": step_time, "train/data_wait_sec": data_wait,
@@ -348,8 +363,10 @@ class Driver:
         path.write_text(json.dumps(results, indent=2, allow_nan=True), encoding="utf-8")
 
 
-def _grad_norm(engine) -> Optional[float]:
+def _grad_norm(engine, fallback: Optional[float]) -> Optional[float]:
     norm = engine.get_global_grad_norm()
+    if norm is None:
+        norm = fallback
     if norm is None:
         return None
     norm = float(norm)

@@ -39,6 +39,7 @@ def validate_inputs(cfg: RunConfig, world_size: int):
     from transformers import AutoTokenizer
 
     from data_prep.format import load_manifest
+    from training.loops import get_loop
 
     cfg.validate(world_size=world_size)
     manifest = load_manifest(cfg.data.output_dir)
@@ -49,6 +50,7 @@ def validate_inputs(cfg: RunConfig, world_size: int):
         raise DataError(f"model.name_or_path {cfg.model.name_or_path!r}: cannot load its tokenizer "
                         f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
     check_tokenizer(manifest, tokenizer, cfg.data.output_dir, cfg.model.name_or_path)
+    get_loop(cfg.train.loop)  # an unknown loop name fails here, before any process starts
     return manifest, tokenizer
 
 

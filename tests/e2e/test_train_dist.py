@@ -1,0 +1,371 @@
+"""training/train.py on 2 gloo ranks through the real `deepspeed` launcher, tiny random-init Llama, fp32.
+
+Launches are the expensive part (~20 s each), so one 12-step reference run per ZeRO stage is shared by the
+stage-matching, resume, run-dir and TensorBoard tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SAMPLE_CSV = REPO_ROOT / "examples" / "data" / "data_science_questions.csv"
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+pytestmark = pytest.mark.dist
+
+STEPS, HALF = 12, 6
+LAUNCH_TIMEOUT_S = 300
+
+
+@pytest.fixture(scope="module")
+def deepspeed_bin() -> str:
+    path = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
+    if not Path(path).is_file():
+        if IN_CI:  # CI must have every component: fail rather than skip
+            pytest.fail("the deepspeed launcher is required in CI but missing", pytrace=False)
+        pytest.skip("the deepspeed launcher is not installed")
+    return path
+
+
+@pytest.fixture(scope="module")
+def prepared(tiny_model_dir, tmp_path_factory) -> Path:
+    from data_prep.pipeline import prepare
+
+    out = tmp_path_factory.mktemp("prepared") / "data"
+    prepare(_data_section(out), tokenizer_path=str(tiny_model_dir))
+    return out
+
+
+def _data_section(out: Path):
+    from data_prep.config import DataConfig
+
+    return DataConfig(sources=[str(SAMPLE_CSV)], output_dir=str(out), record_type="prompt_response",
+                      prompt_column="question", response_column="answer", seq_len=256, packing=True,
+                      validation_fraction=0.1, test_fraction=0.1, num_shards=2)
+
+
+def run_config(model_dir: Path, data_dir: Path, output_dir: Path, stage: int, **sections) -> dict:
+    """A run config as a mapping: 12 steps, eval and checkpoint every 6; ``sections`` update it."""
+    data = {k: v for k, v in vars(_data_section(data_dir)).items()}
+    cfg = {
+        "output_dir": str(output_dir),
+        "model": {"name_or_path": str(model_dir)},
+        "data": data,
+        "train": {"loop": "sft", "max_steps": STEPS, "micro_batch_size": 2, "gradient_accumulation_steps": 2,
+                  "precision": "fp32", "lr": 3.0e-3, "warmup_steps": 2, "seed": 7},
+        "eval": {"every_steps": HALF, "max_batches": 2, "sample_generations": 1, "max_new_tokens": 4},
+        "deepspeed": {"config": "zero2.json", "zero_stage": stage, "timeout_minutes": 3},
+        "checkpoint": {"every_steps": HALF, "keep_last": 5},
+    }
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    return cfg
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(extra_pythonpath: list[str] = (), **extra) -> dict:
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", **extra)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *extra_pythonpath, env.get("PYTHONPATH", "")])
+    return env
+
+
+def launch(deepspeed_bin: str, cfg: dict, extra_pythonpath=(), wait=True, **env_extra):
+    """Write ``cfg`` beside its output_dir and start it on 2 ranks; returns the finished process (or Popen)."""
+    out = Path(cfg["output_dir"])
+    config_path = out.parent / f"{out.name}.yaml"
+    config_path.parent.mkdir(parents=True, exist_ok=True)
+    config_path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    argv = [deepspeed_bin, "--num_gpus", "2", "--master_port", str(_free_port()),
+            str(REPO_ROOT / "training" / "train.py"), "--config", str(config_path)]
+    env = _env(list(extra_pythonpath), **env_extra)
+    if not wait:
+        return subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
+    return subprocess.run(argv, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=LAUNCH_TIMEOUT_S)
+
+
+def check(proc, rc: int = 0):
+    assert proc.returncode == rc, f"exit {proc.returncode}, expected {rc}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    """Per-step train/loss from metrics.jsonl; a step run twice (before a crash, after resume) keeps the last."""
+    losses = {}
+    for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        if record["kind"] == "train":
+            losses[record["step"]] = record["train/loss"]
+    return losses
+
+
+@pytest.fixture(scope="module")
+def reference(deepspeed_bin, tiny_model_dir, prepared, tmp_path_factory):
+    """``reference(stage)``: the run dir of a finished 12-step run at that ZeRO stage (each launched once)."""
+    runs: dict[int, Path] = {}
+    root = tmp_path_factory.mktemp("reference")
+
+    def get(stage: int) -> Path:
+        if stage not in runs:
+            out = root / f"stage{stage}"
+            check(launch(deepspeed_bin, run_config(tiny_model_dir, prepared, out, stage)))
+            runs[stage] = out
+        return runs[stage]
+    return get
+
+
+def _copy_until_half(src: Path, dst: Path, latest: str | None) -> Path:
+    """A copy of a finished run as it was after step HALF: later checkpoints gone, ``latest`` as given."""
+    shutil.copytree(src, dst)
+    ckpts = dst / "checkpoints"
+    for folder in ckpts.glob("step-*"):
+        if int(folder.name.split("-")[1]) > HALF:
+            shutil.rmtree(folder)
+    for name in ("best", "latest"):
+        (ckpts / name).unlink(missing_ok=True)
+    if latest is not None:
+        (ckpts / "latest").write_text(latest)
+    (dst / "results.json").unlink()
+    (dst / "metrics.jsonl").unlink()  # so every loss read afterwards comes from the resumed run
+    return dst
+
+
+# --------------------------------------------------------------------------- stages
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_every_zero_stage_trains_with_decreasing_loss(reference, stage):
+    losses = train_losses(reference(stage))
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    assert losses[STEPS] < losses[1] - 0.1, losses
+    assert sum(b < a for a, b in zip(list(losses.values()), list(losses.values())[1:])) >= STEPS - 3
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_stages_match_stage0_per_step(reference, stage):
+    base, other = train_losses(reference(0)), train_losses(reference(stage))
+    for step in range(1, STEPS + 1):
+        assert other[step] == pytest.approx(base[step], abs=1e-4), f"step {step}"
+
+
+def test_run_dir_layout_and_results(reference):
+    from training.config import config_from_dict
+
+    run = reference(0)
+    cfg = config_from_dict(yaml.safe_load((run / "config.yaml").read_text()))
+    assert cfg.train.max_steps == STEPS
+    ds = json.loads((run / "ds_config.json").read_text())
+    assert ds["train_batch_size"] == 2 * 2 * 2 and ds["zero_optimization"]["stage"] == 0
+    ckpts = run / "checkpoints"
+    final = ckpts / f"step-{STEPS:08d}"
+    assert (ckpts / "latest").read_text().strip() == final.name
+    for name in ("COMPLETE", "zerotune_state.json", "probe.safetensors", "rng-rank0.safetensors",
+                 "rng-rank1.safetensors"):
+        assert (final / name).is_file(), name
+    state = json.loads((final / "zerotune_state.json").read_text())
+    assert state["step"] == STEPS and state["world_size"] == 2 and state["config_hash"] == cfg.config_hash()
+    results = json.loads((run / "results.json").read_text())
+    assert results["steps"] == STEPS and results["best_tag"] == (ckpts / "best").read_text().strip()
+    assert results["test_loss"] > 0 and results["test_perplexity"] > 1
+    assert results["final_eval_loss"] < train_losses(run)[1]
+
+
+def test_tensorboard_holds_the_documented_tags(reference):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(reference(0) / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    scalars = set(acc.Tags()["scalars"])
+    expected = {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_sec",
+                "train/supervised_tokens_per_sec", "train/step_time_sec", "train/data_wait_sec",
+                "train/memory_gb", "train/skipped_steps", "eval/loss", "eval/perplexity", "test/loss",
+                "test/perplexity"}
+    assert expected <= scalars, expected - scalars
+    assert "train/mfu" not in scalars  # GPU only
+    assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, STEPS + 1))
+    texts = set(acc.Tags()["tensors"])
+    assert any(t.startswith("config") for t in texts) and any(t.startswith("samples") for t in texts), texts
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def _assert_second_half_identical(reference_run: Path, resumed_run: Path):
+    ref, got = train_losses(reference_run), train_losses(resumed_run)
+    assert min(got) == HALF + 1, "the run did not resume at the saved step"
+    for step in range(HALF + 1, STEPS + 1):
+        assert got[step] == ref[step], f"step {step}: {got[step]!r} != {ref[step]!r}"
+
+
+def test_resume_is_exact_stage1(deepspeed_bin, reference, tmp_path):
+    ref = reference(1)
+    run = _copy_until_half(ref, tmp_path / "run", latest=f"step-{HALF:08d}")
+    proc = check(launch(deepspeed_bin, {**yaml.safe_load((ref.parent / "stage1.yaml").read_text()),
+                                        "output_dir": str(run)}))
+    assert f"resumed from step-{HALF:08d}" in proc.stdout
+    _assert_second_half_identical(ref, run)
+
+
+def test_resume_with_corrupt_latest_stage2(deepspeed_bin, reference, tmp_path):
+    ref = reference(2)
+    run = _copy_until_half(ref, tmp_path / "run", latest="\x00not a tag")
+    proc = check(launch(deepspeed_bin, {**yaml.safe_load((ref.parent / "stage2.yaml").read_text()),
+                                        "output_dir": str(run)}))
+    assert "does not name a complete checkpoint" in proc.stdout
+    _assert_second_half_identical(ref, run)
+
+
+def test_killed_during_save_then_resumes_from_previous_complete_stage3(deepspeed_bin, reference, tmp_path):
+    from training.driver import FAULT_KILL_IN_SAVE_ENV
+
+    ref = reference(3)
+    run = _copy_until_half(ref, tmp_path / "run", latest=f"step-{HALF:08d}")
+    cfg = {**yaml.safe_load((ref.parent / "stage3.yaml").read_text()), "output_dir": str(run)}
+    killed = launch(deepspeed_bin, cfg, **{FAULT_KILL_IN_SAVE_ENV: str(STEPS)})
+    assert killed.returncode != 0, killed.stdout[-2000:]
+    partial = run / "checkpoints" / f"step-{STEPS:08d}"
+    assert partial.is_dir() and not (partial / "COMPLETE").exists()
+    assert (run / "checkpoints" / "latest").read_text().strip() == f"step-{HALF:08d}"
+    _assert_second_half_identical(ref, run)  # the run up to the kill was a resume too
+    (run / "metrics.jsonl").unlink()
+    proc = check(launch(deepspeed_bin, cfg))
+    assert "skipping incomplete checkpoint" in proc.stdout and f"resumed from step-{HALF:08d}" in proc.stdout
+    _assert_second_half_identical(ref, run)
+    assert (partial / "COMPLETE").is_file()
+
+
+def test_resume_with_another_world_size_is_refused(reference, tmp_path):
+    ref = reference(1)
+    run = _copy_until_half(ref, tmp_path / "run", latest=f"step-{HALF:08d}")
+    cfg_path = tmp_path / "one.yaml"
+    cfg_path.write_text(yaml.safe_dump({**yaml.safe_load((ref.parent / "stage1.yaml").read_text()),
+                                        "output_dir": str(run)}))
+    proc = subprocess.run([sys.executable, "-m", "training.train", "--config", str(cfg_path)], cwd=REPO_ROOT,
+                          env=_env(MASTER_PORT=str(_free_port())), capture_output=True, text=True,
+                          timeout=LAUNCH_TIMEOUT_S)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "saved with 2 data-parallel ranks but this run has 1" in proc.stderr
+
+
+# --------------------------------------------------------------------------- accumulation, loops, stopping
+
+
+def test_accumulation_4x1_equals_1x4(deepspeed_bin, tiny_model_dir, prepared, tmp_path):
+    from safetensors.torch import load_file
+
+    runs = {}
+    for micro, accum in ((1, 4), (4, 1)):
+        out = tmp_path / f"m{micro}a{accum}"
+        cfg = run_config(tiny_model_dir, prepared, out, stage=2,
+                         train={"max_steps": 3, "micro_batch_size": micro, "gradient_accumulation_steps": accum},
+                         eval={"every_steps": None, "sample_generations": 0}, checkpoint={"every_steps": None})
+        check(launch(deepspeed_bin, cfg))
+        runs[(micro, accum)] = out
+    a, b = (train_losses(runs[k]) for k in ((1, 4), (4, 1)))
+    assert a.keys() == b.keys() == {1, 2, 3}
+    for step in a:
+        assert a[step] == pytest.approx(b[step], rel=1e-5)
+    probes = [load_file(str(r / "checkpoints" / "step-00000003" / "probe.safetensors")) for r in runs.values()]
+    diff = (probes[0]["logits"] - probes[1]["logits"]).abs().max().item()
+    assert diff < 1e-3, diff
+
+
+def test_user_loop_by_import_path_and_early_stopping(deepspeed_bin, tiny_model_dir, prepared, tmp_path):
+    loops_dir = tmp_path / "userpkg"
+    loops_dir.mkdir()
+    calls = tmp_path / "calls"
+    calls.mkdir()
+    (loops_dir / "my_loops.py").write_text(
+        "import os\nfrom pathlib import Path\nfrom training.loops import SFTLoop\n\n"
+        "class CountingLoop(SFTLoop):\n"
+        "    def compute_loss(self, model, batch):\n"
+        f"        Path({str(calls)!r}, f'rank{{os.environ[\"RANK\"]}}').touch()\n"
+        "        return super().compute_loss(model, batch)\n")
+    out = tmp_path / "run"
+    # lr so small nothing improves by min_delta: the first eval sets the best, two more without gain stop it.
+    cfg = run_config(tiny_model_dir, prepared, out, stage=1,
+                     train={"loop": "my_loops:CountingLoop", "max_steps": 40, "lr": 1e-9, "warmup_steps": 0},
+                     eval={"every_steps": 2, "early_stopping_patience": 2, "early_stopping_min_delta": 0.5,
+                           "sample_generations": 0},
+                     checkpoint={"every_steps": None})
+    proc = check(launch(deepspeed_bin, cfg, extra_pythonpath=[str(loops_dir)]))
+    assert sorted(p.name for p in calls.iterdir()) == ["rank0", "rank1"]
+    results = json.loads((out / "results.json").read_text())
+    assert results["stopped_early"] is True and results["steps"] == 6, results
+    assert results["best_tag"] == "step-00000002"
+    assert "early stopping at step 6" in proc.stdout
+
+
+def test_unknown_loop_name_fails_with_the_registered_names(deepspeed_bin, tiny_model_dir, prepared, tmp_path):
+    cfg = run_config(tiny_model_dir, prepared, tmp_path / "run", stage=0, train={"loop": "sfft"})
+    proc = launch(deepspeed_bin, cfg)
+    assert proc.returncode != 0
+    output = proc.stdout + proc.stderr
+    assert "'sfft' is not a registered loop" in output and "pretrain" in output
+    assert "Traceback" not in output
+
+
+# --------------------------------------------------------------------------- preemption
+
+
+def _rank_pids(config_path: str) -> dict[int, int]:
+    """pid of each training rank started with ``config_path`` (read from /proc)."""
+    pids = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\x00")
+        except OSError:
+            continue
+        if config_path in argv and any(a.startswith("--local_rank=") for a in argv):
+            rank = int(next(a for a in argv if a.startswith("--local_rank=")).split("=")[1])
+            pids[rank] = int(entry.name)
+    return pids
+
+
+def test_sigusr1_saves_and_exits_85(deepspeed_bin, tiny_model_dir, prepared, tmp_path):
+    from training.preemption import PREEMPTED_EXIT_CODE
+
+    out = tmp_path / "run"
+    cfg = run_config(tiny_model_dir, prepared, out, stage=2, train={"max_steps": 5000},
+                     eval={"every_steps": None, "sample_generations": 0}, checkpoint={"every_steps": None})
+    proc = launch(deepspeed_bin, cfg, wait=False)
+    try:
+        deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+        metrics = out / "metrics.jsonl"
+        while not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
+            assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
+            time.sleep(0.5)
+        pids = _rank_pids(str(out.parent / "run.yaml"))
+        assert set(pids) == {0, 1}, pids
+        os.kill(pids[1], signal.SIGUSR1)  # one rank only: the ranks must agree at the step boundary
+        time.sleep(0.2)
+        os.kill(pids[1], signal.SIGUSR1)  # a second signal during the save changes nothing
+        stdout, _ = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, stdout[-3000:]
+    tag = (out / "checkpoints" / "latest").read_text().strip()
+    state = json.loads((out / "checkpoints" / tag / "zerotune_state.json").read_text())
+    assert (out / "checkpoints" / tag / "COMPLETE").is_file()
+    assert state["step"] == max(train_losses(out)) and 2 <= state["step"] < 5000
+    assert not (out / "results.json").exists()
