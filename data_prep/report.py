@@ -41,11 +41,13 @@ class Facts:
 def count_params(model_path: str) -> int | None:
     """Parameters of the model in model_path's config.json, counted on the meta device (no weights loaded)."""
     try:
-        from accelerate import init_empty_weights
+        import torch
         from transformers import AutoConfig, AutoModelForCausalLM
 
         config = AutoConfig.from_pretrained(model_path)
-        with init_empty_weights():
+        # The meta device allocates nothing; unlike accelerate's init_empty_weights it also keeps tied
+        # embeddings tied, so they count once, as in the loaded model.
+        with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
         return int(sum(p.numel() for p in model.parameters()))
     except Exception:  # noqa: BLE001 - the count only feeds a warning; no config.json means no warning
