@@ -58,6 +58,9 @@ def deepspeed_argv(cluster: Cluster, config_path: str | Path, train_script: str 
         if hostfile_path is None:
             raise ValueError("a hostfile cluster needs hostfile_path")
         head += ["--hostfile", str(hostfile_path), "--master_addr", cluster.master_addr]
+        if cluster.num_nodes == 1 and cluster.master_addr == "127.0.0.1":
+            # One local host: deepspeed would still insist on ssh to it; we checked the host ourselves.
+            head.append("--no_ssh_check")
     head += ["--master_port", str(cluster.master_port)]
     return head + [str(train_script), "--config", str(config_path)]
 
@@ -242,7 +245,8 @@ def _rank_pids(launcher_pid: int, script_name: str = TRAIN_SCRIPT.name) -> list[
             cmd = child.cmdline()
         except psutil.Error:
             continue
-        # The deepspeed launcher itself dies on SIGUSR1 (it has no handler); only the ranks get the signal.
-        if any(a.endswith(script_name) for a in cmd) and not any("deepspeed.launcher" in a for a in cmd):
+        # Only the ranks get the signal (the deepspeed launchers have no SIGUSR1 handler and would die):
+        # a rank is the driver script started with the --local_rank the launcher appends.
+        if any(a.endswith(script_name) for a in cmd) and any(a.startswith("--local_rank") for a in cmd):
             ranks.append(child.pid)
     return ranks

@@ -22,6 +22,9 @@ def test_deepspeed_argv_local_and_hostfile():
     assert deepspeed_argv(multi, "/r/config.yaml", "t.py", hostfile_path="/r/hostfile") == [
         "deepspeed", "--hostfile", "/r/hostfile", "--master_addr", "n1", "--master_port", "29500", "t.py",
         "--config", "/r/config.yaml"]
+    one_local = Cluster([Host("localhost", 2)], "hostfile", master_addr="127.0.0.1")
+    assert deepspeed_argv(one_local, "c.yaml", "t.py", hostfile_path="hf")[:6] == [
+        "deepspeed", "--hostfile", "hf", "--master_addr", "127.0.0.1", "--no_ssh_check"]
     with pytest.raises(ValueError):
         deepspeed_argv(multi, "/r/config.yaml")
 
