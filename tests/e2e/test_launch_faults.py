@@ -99,3 +99,33 @@ def test_killed_rank_fails_the_job_and_the_next_launch_resumes(write_run, tmp_pa
     losses = train_losses(run_dir)
     assert sorted(losses) == list(range(1, MAX_STEPS + 1))
     assert f"step-{MAX_STEPS:08d}" in _complete_checkpoints(run_dir)
+
+
+def test_sigusr1_to_launch_checkpoints_and_exits_85(write_run, tmp_path):
+    """A scheduler's warning sent to `zerotune launch` reaches the ranks: they save and the job exits 85."""
+    run_yaml = write_run(tmp_path, train={"max_steps": 40}, checkpoint={"every_steps": 100, "keep_last": 2,
+                                                                        "keep_best": False})
+    run_dir = run_yaml.parent / "out"
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=2\n")
+    proc = _launch(run_yaml, hostfile, tmp_path / "launch.log")
+    try:
+        deadline = time.monotonic() + 300
+        while max(train_losses(run_dir), default=0) < 3:
+            assert proc.poll() is None, (tmp_path / "launch.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the run never reached step 3"
+            time.sleep(0.3)
+        ranks = _ranks(proc)
+        proc.send_signal(signal.SIGUSR1)
+        rc = proc.wait(timeout=END_WITHIN_S)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    log = (tmp_path / "launch.log").read_text()
+    assert rc == 85, log[-3000:]
+    _, alive = psutil.wait_procs(ranks, timeout=10)
+    assert not alive
+    stopped_at = max(train_losses(run_dir))
+    # No periodic checkpoint is due before step 100: the one on disk is the preemption's.
+    assert _complete_checkpoints(run_dir) == [f"step-{stopped_at:08d}"]
+    assert f"preempted at step {stopped_at}" in log
