@@ -24,6 +24,8 @@ from training.model import PRECISION_DTYPES
 # the probe was computed on the training device, the check runs on CPU, so kernels round differently
 # (bf16 keeps 8 bits of mantissa: ~0.4% per operation). A wrong or shuffled weight moves logits by far more.
 PROBE_TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2, "bf16": 5e-2}
+# When the probe was computed on CPU in the precision the check uses, only summation order can differ.
+SAME_DEVICE_TOLERANCE = 1e-3
 PRECISION_ORDER = ("fp32", "fp16", "bf16")
 
 
@@ -71,9 +73,9 @@ def export_checkpoint(run_dir: str | os.PathLike, out_dir: str | os.PathLike, ta
     try:
         _write_folder(model, cfg.model, tmp)
         del model
-        coarser = max(cfg.train.precision, save_precision, key=PRECISION_ORDER.index)
-        num_params, error = verify_export(tmp, state, tag_dir / "probe.safetensors",
-                                          PRECISION_DTYPES[save_precision], PROBE_TOLERANCE[coarser])
+        probe_path = tag_dir / "probe.safetensors"
+        tolerance = probe_tolerance(probe_path, cfg.train.precision, save_precision)
+        num_params, error = verify_export(tmp, state, probe_path, PRECISION_DTYPES[save_precision], tolerance)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -241,11 +243,22 @@ def verify_export(folder: Path, state: dict[str, torch.Tensor], probe_path: Path
     return num_params, error
 
 
-def _probe_error(model, probe_path: Path) -> float:
-    from training.probe import load_probe
+def probe_tolerance(probe_path: Path, train_precision: str, save_precision: str) -> float:
+    """How far the recomputed probe logits may be from the saved ones (see PROBE_TOLERANCE)."""
+    from training.probe import probe_metadata
 
     if not probe_path.is_file():
         raise ExportError(f"{probe_path}: missing; the checkpoint has no probe to verify the export against")
+    coarser = max(train_precision, save_precision, key=PRECISION_ORDER.index)
+    meta = probe_metadata(probe_path)
+    if meta.get("device_type") == "cpu" and train_precision == save_precision:
+        return min(SAME_DEVICE_TOLERANCE, PROBE_TOLERANCE[coarser])
+    return PROBE_TOLERANCE[coarser]
+
+
+def _probe_error(model, probe_path: Path) -> float:
+    from training.probe import load_probe
+
     probe = load_probe(probe_path)
     model.eval()
     with torch.no_grad():

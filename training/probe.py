@@ -36,8 +36,11 @@ def save_probe(module: torch.nn.Module, input_ids: torch.Tensor, path: str | Pat
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
+        # Where and in what precision the logits were computed: export tolerates kernel rounding only
+        # when it recomputes them elsewhere.
+        metadata = {"device_type": device.type, "dtype": str(logits.dtype).removeprefix("torch.")}
         save_file({"input_ids": input_ids.detach().to("cpu", torch.int64).contiguous(),
-                   "logits": logits.detach().to("cpu", torch.float32).contiguous()}, str(tmp))
+                   "logits": logits.detach().to("cpu", torch.float32).contiguous()}, str(tmp), metadata=metadata)
         tmp.replace(path)
 
 
@@ -46,3 +49,11 @@ def load_probe(path: str | Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(path))
+
+
+def probe_metadata(path: str | Path) -> dict[str, str]:
+    """The probe's ``device_type`` (cpu, cuda, ...) and compute ``dtype`` (float32, bfloat16, ...)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        return dict(fh.metadata() or {})

@@ -173,6 +173,39 @@ def test_corrupt_weights_refused_by_probe(zero2_copy, tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.tmp")] == []
 
 
+@pytest.mark.dist
+def test_small_corruption_in_a_zero3_bf16_shard_refused(zero3_run, tmp_path):
+    """A few hundred master weights off by 5%: within bf16 rounding across devices, but the probe was
+    computed on this kind of device in this precision, so the tight tolerance applies and catches it."""
+    run = tmp_path / "run"
+    shutil.copytree(zero3_run, run)
+    shard = run / "checkpoints" / "step-00000004" / "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    states = torch.load(shard, map_location="cpu", weights_only=False)
+    flat = states["optimizer_state_dict"]["fp32_flat_groups"]
+    damaged = flat[0].detach().clone()
+    damaged[:300] *= 1.05
+    flat[0] = damaged
+    torch.save(states, shard)
+    with pytest.raises(ExportError, match="probe batch differ"):
+        export_checkpoint(run, tmp_path / "out")
+
+
+def test_probe_tolerance_depends_on_where_the_probe_was_computed(tmp_path):
+    from safetensors.torch import save_file
+
+    from training.export import PROBE_TOLERANCE, SAME_DEVICE_TOLERANCE, probe_tolerance
+
+    tensors = {"input_ids": torch.zeros(1, 2, dtype=torch.int64), "logits": torch.zeros(1, 2, 3)}
+    save_file(tensors, str(tmp_path / "gpu.safetensors"), metadata={"device_type": "cuda", "dtype": "bfloat16"})
+    save_file(tensors, str(tmp_path / "cpu.safetensors"), metadata={"device_type": "cpu", "dtype": "bfloat16"})
+    assert probe_tolerance(tmp_path / "gpu.safetensors", "bf16", "bf16") == PROBE_TOLERANCE["bf16"]
+    assert probe_tolerance(tmp_path / "gpu.safetensors", "fp32", "bf16") == PROBE_TOLERANCE["bf16"]
+    assert probe_tolerance(tmp_path / "cpu.safetensors", "bf16", "bf16") == SAME_DEVICE_TOLERANCE
+    assert probe_tolerance(tmp_path / "cpu.safetensors", "bf16", "fp32") == PROBE_TOLERANCE["bf16"]
+    with pytest.raises(ExportError, match="no probe"):
+        probe_tolerance(tmp_path / "missing.safetensors", "bf16", "bf16")
+
+
 def test_not_a_run_dir_is_a_clear_error(tmp_path):
     with pytest.raises(ExportError, match="not a run directory"):
         export_checkpoint(tmp_path, tmp_path / "out")

@@ -6,7 +6,7 @@ import torch
 
 from training.config import ModelConfig
 from training.model import load_model
-from training.probe import load_probe, save_probe
+from training.probe import load_probe, probe_metadata, save_probe
 
 
 def test_probe_round_trip_restores_training_mode(tiny_model_dir, tmp_path):
@@ -20,6 +20,7 @@ def test_probe_round_trip_restores_training_mode(tiny_model_dir, tmp_path):
     probe = load_probe(path)
     assert probe["input_ids"].dtype == torch.int64 and torch.equal(probe["input_ids"], input_ids)
     assert probe["logits"].dtype == torch.float32
+    assert probe_metadata(path) == {"device_type": "cpu", "dtype": "bfloat16"}
     assert probe["logits"].shape == (2, 9, model.config.vocab_size)
     model.eval()
     with torch.no_grad():
