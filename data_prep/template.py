@@ -129,40 +129,48 @@ def labels_from_spans(ids: list[int], offsets: list[tuple[int, int]], spans: lis
     return np.where(mask, ids_arr, IGNORE_INDEX).astype(np.int32)
 
 
-def tokenize_batch(batch: dict, *, templater: Templater, seq_len: int,
-                   excess_length: str, where) -> dict:
+def finish_document(ids: np.ndarray, labels: np.ndarray, *, eos_id: int | None, seq_len: int,
+                    excess_length: str, where: str) -> dict:
+    """Append EOS (when ``eos_id`` is given), apply the first-token rule and the over-length rule.
+
+    Returns one output row of :func:`tokenize_batch`; ``where`` names the row for an error.
+    """
+    if eos_id is not None:
+        ids, labels = np.append(ids, np.int32(eos_id)), np.append(labels, np.int32(eos_id))
+    labels[:1] = IGNORE_INDEX  # FORMAT.md: a document's first token is never a target
+    raw_len, drop, truncated = len(ids), "", False
+    if raw_len > seq_len:
+        if excess_length == "error":
+            raise DataError(f"{where}: {raw_len} tokens after templating, more than data.seq_len {seq_len}; "
+                            f"raise data.seq_len, shorten the row, or set data.excess_length: truncate or drop")
+        if excess_length == "drop":
+            drop = "too_long"
+        else:
+            ids, labels, truncated = ids[:seq_len], labels[:seq_len], True
+    n_supervised = int((labels != IGNORE_INDEX).sum())
+    if not drop and n_supervised == 0:
+        drop = "no_supervised_tokens"
+    return {"input_ids": ids, "labels": labels, "n_tokens_raw": raw_len, "n_tokens": len(ids),
+            "n_supervised": n_supervised, "truncated": truncated, "_drop2": drop}
+
+
+def tokenize_batch(batch: dict, *, templater: Templater, seq_len: int, excess_length: str, where) -> dict:
     """Template and tokenize a batch of cleaned records; apply the over-length rule and the label rules.
 
     ``where(src_id, row)`` names a source row for an error message. Output columns: input_ids, labels,
     n_tokens_raw (before truncation), n_tokens, n_supervised, truncated, _drop2 (a drop reason or "").
     """
     columns = [c for c in batch if not c.startswith("_")]
-    rendered = [templater.render({c: batch[c][i] for c in columns}) for i in range(len(batch['_src']))]
+    rendered = [templater.render({c: batch[c][i] for c in columns}) for i in range(len(batch["_src"]))]
     # The Rust tokenizer directly: transformers' wrapper would convert every encoding to Python lists first.
     enc = templater.backend.encode_batch([r.text for r in rendered], add_special_tokens=templater.add_special_tokens)
     out = {k: [] for k in ("input_ids", "labels", "n_tokens_raw", "n_tokens", "n_supervised", "truncated", "_drop2")}
-    eos = templater.tok.eos_token_id
     for i, r in enumerate(rendered):
-        ids = np.asarray(enc[i].ids, dtype=np.int32)
-        labels = labels_from_spans(enc[i].ids, enc[i].offsets, r.spans)
-        if r.append_eos:
-            ids, labels = np.append(ids, np.int32(eos)), np.append(labels, np.int32(eos))
-        labels[:1] = IGNORE_INDEX  # FORMAT.md: a document's first token is never a target
-        raw_len, drop, truncated = len(ids), "", False
-        if raw_len > seq_len:
-            if excess_length == "error":
-                raise DataError(f"{where(batch['_src'][i], batch['_row'][i])}: {raw_len} tokens after templating, more than data.seq_len {seq_len}; "
-                                f"raise data.seq_len, shorten the row, or set data.excess_length: truncate or drop")
-            if excess_length == "drop":
-                drop = "too_long"
-            else:
-                ids, labels, truncated = ids[:seq_len], labels[:seq_len], True
-        n_supervised = int((labels != IGNORE_INDEX).sum())
-        if not drop and n_supervised == 0:
-            drop = "no_supervised_tokens"
-        for key, value in (("input_ids", ids), ("labels", labels), ("n_tokens_raw", raw_len),
-                           ("n_tokens", len(ids)), ("n_supervised", n_supervised), ("truncated", truncated),
-                           ("_drop2", drop)):
+        doc = finish_document(
+            np.asarray(enc[i].ids, dtype=np.int32), labels_from_spans(enc[i].ids, enc[i].offsets, r.spans),
+            eos_id=templater.tok.eos_token_id if r.append_eos else None, seq_len=seq_len,
+            excess_length=excess_length, where=where(batch["_src"][i], batch["_row"][i]))
+        for key, value in doc.items():
             out[key].append(value)
     return out
 

@@ -21,7 +21,8 @@ def qa_rows(n: int, seed: int = 0) -> list[dict]:
     for i in range(n):
         topic = rng.choice(_TOPICS)
         answer = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(10, 150)))
-        rows.append({"question": f"Q{i}: what is {topic}, and why does it matter?", "answer": answer.capitalize() + "."})
+        rows.append({"question": f"Q{i}: what is {topic}, and why does it matter?",
+                     "answer": answer.capitalize() + "."})
     return rows
 
 

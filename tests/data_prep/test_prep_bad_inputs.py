@@ -53,7 +53,8 @@ def test_invalid_json_line(tiny_model_dir, tmp_path, make_cfg):
 
 
 def test_non_utf8_jsonl(tiny_model_dir, tmp_path, make_cfg):
-    path = _write(tmp_path / "bad.jsonl", b'{"question": "What?", "answer": "Fine"}\n{"question": "Caf\xe9", "answer": "x"}\n')
+    data = b'{"question": "What?", "answer": "Fine"}\n{"question": "Caf\xe9", "answer": "x"}\n'
+    path = _write(tmp_path / "bad.jsonl", data)
     _expect_error(make_cfg([path]), tiny_model_dir, r"bad\.jsonl: line 2: bytes that are not UTF-8")
 
 
@@ -73,12 +74,14 @@ def test_messages_not_a_list_of_turns(tiny_model_dir, tmp_path, make_cfg):
 def test_missing_configured_column(tiny_model_dir, tmp_path, make_cfg):
     path = write_csv(tmp_path / "qa.csv", qa_rows(5), columns=("question", "answer"))
     cfg = make_cfg([path], record_type="prompt_response", response_column="reply")
-    _expect_error(cfg, tiny_model_dir, r"qa\.csv: column 'reply' \(data\.response_column.*columns found: question, answer")
+    _expect_error(cfg, tiny_model_dir,
+                  r"qa\.csv: column 'reply' \(data\.response_column.*columns found: question, answer")
 
 
 def test_auto_with_no_known_columns(tiny_model_dir, tmp_path, make_cfg):
     path = _write(tmp_path / "x.csv", b"foo,bar\n1,2\n")
-    _expect_error(make_cfg([path]), tiny_model_dir, r"x\.csv: data\.record_type auto found none.*columns found: foo, bar")
+    _expect_error(make_cfg([path]), tiny_model_dir,
+                  r"x\.csv: data\.record_type auto found none.*columns found: foo, bar")
 
 
 def test_empty_after_cleaning_prints_drop_counts(tiny_model_dir, tmp_path, make_cfg):
