@@ -83,6 +83,39 @@ def launch_argv(cluster: Cluster, config_path: str | Path, hostfile_path: str | 
     return deepspeed_argv(cluster, config_path, train_script, hostfile_path)
 
 
+# --------------------------------------------------------------------------- ZeRO stage "auto"
+
+
+def detected_memory_gb(ranks_per_node: int) -> tuple[float, float]:
+    """(memory per rank, RAM per node) of this machine: the GPU's memory, or on CPU a share of RAM."""
+    import psutil
+    import torch
+
+    ram_gb = psutil.virtual_memory().total / 1024**3
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory / 1024**3, ram_gb
+    return ram_gb / max(1, ranks_per_node), ram_gb
+
+
+def resolve_auto_stage(cfg, cluster: Cluster, gpu_memory_gb: float | None = None,
+                       cpu_memory_gb: float | None = None) -> str | None:
+    """With ``deepspeed.zero_stage: auto``, set the fastest stage that fits (via `zerotune plan`); the reason."""
+    if cfg.deepspeed.zero_stage != "auto":
+        return None
+    from launcher.plan import make_plan
+
+    per_node = cluster.hosts[0].slots
+    detected_gpu, detected_cpu = detected_memory_gb(per_node)
+    plan = make_plan(cfg, num_nodes=cluster.num_nodes, gpus_per_node=per_node,
+                     gpu_memory_gb=gpu_memory_gb or detected_gpu, cpu_memory_gb=cpu_memory_gb or detected_cpu)
+    if plan.chosen is None:
+        raise LaunchError(f"deepspeed.zero_stage auto: {plan.reason}")
+    cfg.deepspeed.zero_stage = plan.chosen["stage"]
+    if plan.chosen["offload"]:
+        cfg.deepspeed.config = "zero3_offload.json"
+    return f"deepspeed.zero_stage auto -> {plan.reason}"
+
+
 # --------------------------------------------------------------------------- data: check, assign, stage
 
 

@@ -6,7 +6,7 @@ import shlex
 import sys
 
 from launcher.cluster import check_hosts, discover
-from launcher.launch import check_data, launch_argv, run_ranks, stage_data, write_run_dir
+from launcher.launch import check_data, launch_argv, resolve_auto_stage, run_ranks, stage_data, write_run_dir
 
 
 def cmd_launch(args) -> int:
@@ -19,6 +19,9 @@ def cmd_launch(args) -> int:
     if cluster.source != "slurm":
         check_hosts(cluster, ssh_timeout_s=args.ssh_timeout)
     manifest = check_data(cfg.data.output_dir)
+    stage_reason = resolve_auto_stage(cfg, cluster, args.gpu_memory_gb, args.cpu_memory_gb)
+    if stage_reason:
+        print(stage_reason)
     stage_dir = None
     if args.stage_data and not args.dry_run:
         stage_dir = stage_data(cfg.data.output_dir, args.stage_data, cluster, manifest)
@@ -62,5 +65,8 @@ def register(subparsers, add_config_args) -> None:
     p.add_argument("--ssh-timeout", type=int, default=5, help="seconds to wait for each remote host's ssh")
     p.add_argument("--stage-data", metavar="DIR",
                    help="copy shards to node-local DIR first (sbcast under SLURM) and verify checksums")
+    p.add_argument("--gpu-memory-gb", type=float,
+                   help="memory per rank for deepspeed.zero_stage: auto (default: detected; on CPU, RAM / ranks)")
+    p.add_argument("--cpu-memory-gb", type=float, help="RAM per node for auto's offload check (default: detected)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the command; start nothing")
     p.set_defaults(func=cmd_launch)

@@ -9,13 +9,18 @@ from launcher.slurm import JobSpec, render, sbatch, slurm_present
 
 def cmd_slurm(args) -> int:
     """Validate config and data, render <output_dir>/job.sbatch, check it with sbatch --test-only, submit."""
-    from launcher.launch import check_data
+    from launcher.cluster import Cluster, Host
+    from launcher.launch import check_data, resolve_auto_stage
     from training.config import load_config, save_config
 
     cfg = load_config(args.config, args.overrides)
     world_size = args.nodes * args.gpus_per_node
     cfg.validate(world_size)
     check_data(cfg.data.output_dir)
+    nodes = Cluster([Host(f"node{i}", args.gpus_per_node) for i in range(args.nodes)], "slurm")
+    stage_reason = resolve_auto_stage(cfg, nodes, args.gpu_memory_gb, args.cpu_memory_gb)
+    if stage_reason:
+        print(stage_reason)
     run_dir = Path(cfg.output_dir).resolve()
     log_dir = run_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -56,5 +61,9 @@ def register(subparsers, add_config_args) -> None:
                    help="SIGUSR1 this many seconds before the limit: checkpoint, exit, requeue (default 300)")
     p.add_argument("--cpu-only", action="store_true",
                    help="ranks are CPU processes: request no GPUs (CPU test clusters)")
+    p.add_argument("--gpu-memory-gb", type=float, default=80.0,
+                   help="memory per GPU on the compute nodes, for deepspeed.zero_stage: auto (default 80)")
+    p.add_argument("--cpu-memory-gb", type=float, default=1024.0,
+                   help="RAM per compute node, for auto's offload check (default 1024)")
     p.add_argument("--submit", action="store_true", help="submit the job after the check")
     p.set_defaults(func=cmd_slurm)

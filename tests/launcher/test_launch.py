@@ -144,3 +144,22 @@ def test_stage_data_option_points_the_run_at_the_copy(make_run, tmp_path, capsys
     saved = yaml.safe_load((run_yaml.parent / "out" / "config.yaml").read_text())
     assert saved["data"]["output_dir"] == str(tmp_path / "local")
     assert "verified against the manifest" in capsys.readouterr().out
+
+
+def test_auto_stage_is_resolved_before_the_run_dir_is_written(make_run, capsys):
+    run_yaml = make_run(deepspeed={"config": "zero3.json", "zero_stage": "auto", "timeout_minutes": 2})
+    assert main(["launch", str(run_yaml), "--num-gpus", "2", "--dry-run", "--gpu-memory-gb", "80"]) == 0
+    out = capsys.readouterr().out
+    assert "deepspeed.zero_stage auto -> ZeRO-0 is the fastest stage that fits" in out
+    run_dir = run_yaml.parent / "out"
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["deepspeed"]["zero_stage"] == 0
+    assert json.loads((run_dir / "ds_config.json").read_text())["zero_optimization"]["stage"] == 0
+
+
+def test_auto_stage_that_fits_nowhere_stops_the_launch(make_run, capsys):
+    run_yaml = make_run(deepspeed={"config": "zero3.json", "zero_stage": "auto", "timeout_minutes": 2})
+    code = main(["launch", str(run_yaml), "--num-gpus", "2", "--dry-run", "--gpu-memory-gb", "0.01",
+                 "--cpu-memory-gb", "0.01"])
+    err = capsys.readouterr().err
+    assert code == 2 and "fits nowhere" in err and "GB per GPU > 0.01 GB" in err
+    assert not (run_yaml.parent / "out").exists()
