@@ -84,11 +84,20 @@ class Templater:
             span = self._assistant_span(messages, i, full, search_from)
             spans.append(span)
             search_from = span[1]
-        eos = self.tok.eos_token
-        ends_with_eos = bool(spans) and eos in full[spans[-1][0]:spans[-1][1]]
+        spans = [self._end_at_eos(full, span) for span in spans]
+        ends_with_eos = bool(spans) and full.endswith(self.tok.eos_token, 0, spans[-1][1])
         if self.cfg.train_on_prompt and spans:
             spans = [(0, len(full))]
         return Rendered(full, spans, append_eos=bool(spans) and not ends_with_eos)
+
+    def _end_at_eos(self, full: str, span: Span) -> Span:
+        """Cut the whitespace a template writes after a turn's EOS: predicting it after EOS is noise."""
+        start, end = span
+        eos = self.tok.eos_token
+        k = full.rfind(eos, start, end)
+        if k >= 0 and not full[k + len(eos):end].strip():
+            return start, k + len(eos)
+        return span
 
     def _assistant_span(self, messages, i: int, full: str, search_from: int) -> Span:
         upto = full if i == len(messages) - 1 else self._chat(messages[: i + 1])

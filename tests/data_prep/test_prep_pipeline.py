@@ -73,7 +73,9 @@ def test_round_trip_text_and_prompt_masks(bundled, tiny_model_dir, sample_csv):
         seen.add(text)
         k = int(np.flatnonzero(labels != IGNORE_INDEX)[0])
         assert tok.decode(ids[:k]) == expected[text], "masked tokens are exactly the prompt"
-        assert np.array_equal(labels[k:], ids[k:]), "every token after the prompt is trained on"
+        eos_at = int(np.flatnonzero(ids == tok.eos_token_id)[-1])
+        assert np.array_equal(labels[k:eos_at + 1], ids[k:eos_at + 1]), "the response and its EOS are trained on"
+        assert (labels[eos_at + 1:] == IGNORE_INDEX).all() and not tok.decode(ids[eos_at + 1:]).strip()
     assert len(seen) == len(docs), "no document twice (dedup)"
 
 

@@ -39,7 +39,7 @@ def test_chat_prompt_response_masks_prompt_and_ends_with_eos(tok):
     text = tok.decode(ids)
     assert text == tok.apply_chat_template([{"role": "user", "content": "What is PCA?"},
                                             {"role": "assistant", "content": "A projection."}], tokenize=False)
-    assert _supervised_text(tok, ids, labels).startswith("A projection." + tok.eos_token)
+    assert _supervised_text(tok, ids, labels) == "A projection." + tok.eos_token, "not the newline after EOS"
     assert tok.eos_token_id in labels.tolist(), "the turn's EOS carries loss so the model learns to stop"
     first_supervised = int(np.flatnonzero(labels != IGNORE_INDEX)[0])
     assert tok.decode(ids[:first_supervised]).endswith("assistant\n")
