@@ -214,4 +214,4 @@ def test_not_a_run_dir_is_a_clear_error(tmp_path):
 def test_cli_registers_export():
     proc = subprocess.run([sys.executable, "-m", "launcher.cli", "export", "--help"], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and "--dtype" in proc.stdout and "RUN_DIR".lower() in proc.stdout.lower()
+    assert proc.returncode == 0 and "--dtype" in proc.stdout and "run_dir" in proc.stdout

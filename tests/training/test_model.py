@@ -74,6 +74,22 @@ def test_unknown_precision_is_refused(tiny_model_dir):
         _load(tiny_model_dir, precision="fp8")
 
 
+def test_zero3_init_config_parses_before_batch_sizes_are_resolved():
+    from training.model import _init_only_config
+
+    shipped = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+               "train_batch_size": "auto", "gradient_clipping": "auto", "bf16": {"enabled": True},
+               "zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}
+    cfg = _init_only_config(shipped)
+    assert "auto" not in cfg.values()
+    assert (cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"], cfg["train_batch_size"]) \
+        == (1, 1, 1)
+    assert cfg["zero_optimization"] == shipped["zero_optimization"] and cfg["bf16"] == {"enabled": True}
+    resolved = {**shipped, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 4,
+                "train_batch_size": 16, "gradient_clipping": 1.0}
+    assert _init_only_config(resolved) == resolved
+
+
 # --------------------------------------------------------------------------- gradient checkpointing
 
 
