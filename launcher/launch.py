@@ -244,7 +244,12 @@ def _write_ds_config(cfg, world_size: int, run_dir: Path) -> Path:
 
 def run_ranks(argv: list[str], cwd: str | Path = REPO_ROOT) -> int:
     """Start the launcher, forward preemption signals to the ranks, and return the launcher's exit code."""
-    proc = subprocess.Popen(argv, cwd=str(cwd))
+    argv = [_executable(argv[0]), *argv[1:]]
+    try:
+        proc = subprocess.Popen(argv, cwd=str(cwd))
+    except FileNotFoundError:
+        raise LaunchError(f"{argv[0]} not found: install DeepSpeed in this environment (pip install deepspeed)"
+                          f" or put it on PATH") from None
 
     def forward(signum, _frame):
         for pid in _rank_pids(proc.pid):
@@ -259,6 +264,14 @@ def run_ranks(argv: list[str], cwd: str | Path = REPO_ROOT) -> int:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def _executable(name: str) -> str:
+    """``name`` from PATH, else next to this Python (a virtual environment that is not activated)."""
+    if shutil.which(name):
+        return name
+    sibling = Path(sys.executable).parent / name
+    return str(sibling) if sibling.is_file() else name
 
 
 def _rank_pids(launcher_pid: int, script_name: str = TRAIN_SCRIPT.name) -> list[int]:
