@@ -98,21 +98,23 @@ class Driver:
     def run(self) -> int:
         """Train; returns 0, or PREEMPTED_EXIT_CODE after saving on a signal."""
         self.preempt.install()
-        try:
-            self._maybe_resume()
-            self.engine.train()
-            while self.progress.step < self.total_steps and not self.progress.stopped_early:
-                if self.preempt.agreed(self.device):
+        self._maybe_resume()
+        self.engine.train()
+        while self.progress.step < self.total_steps and not self.progress.stopped_early:
+            if self.preempt.agreed(self.device):
+                # From here on further signals are ignored, also during interpreter shutdown (which would
+                # restore the default, deadly action for a Python handler).
+                self.preempt.ignore_further()
+                if self._saved_step != self.progress.step:
                     self._save()
-                    self.ctx.logger.line(f"preempted at step {self.progress.step}: checkpoint saved, "
-                                         f"exiting {PREEMPTED_EXIT_CODE}")
-                    return PREEMPTED_EXIT_CODE
-                self._train_step()
-                self._after_step()
-            self._finish()
-            return 0
-        finally:
-            self.preempt.uninstall()
+                self.ctx.logger.line(f"preempted at step {self.progress.step}: checkpoint saved, "
+                                     f"exiting {PREEMPTED_EXIT_CODE}")
+                return PREEMPTED_EXIT_CODE
+            self._train_step()
+            self._after_step()
+        self._finish()
+        self.preempt.uninstall()
+        return 0
 
     def _train_step(self) -> None:
         p, t0 = self.progress, time.perf_counter()

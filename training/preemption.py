@@ -33,6 +33,11 @@ class PreemptionFlag:
             signal.signal(sig, handler)
         self._previous.clear()
 
+    def ignore_further(self) -> None:
+        """Ignore the signals from now on (SIG_IGN survives interpreter shutdown; a Python handler does not)."""
+        for sig in SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+
     def _handle(self, signum, frame) -> None:
         self.requested = True
 

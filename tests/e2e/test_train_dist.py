@@ -357,8 +357,11 @@ def test_sigusr1_saves_and_exits_85(deepspeed_bin, tiny_model_dir, prepared, tmp
         pids = _rank_pids(str(out.parent / "run.yaml"))
         assert set(pids) == {0, 1}, pids
         os.kill(pids[1], signal.SIGUSR1)  # one rank only: the ranks must agree at the step boundary
-        time.sleep(0.2)
-        os.kill(pids[1], signal.SIGUSR1)  # a second signal during the save changes nothing
+        time.sleep(0.05)
+        os.kill(pids[1], signal.SIGUSR1)  # a second signal before or during the save changes nothing
+        time.sleep(0.3)
+        if proc.poll() is None and pids[0] in _rank_pids(str(out.parent / "run.yaml")).values():
+            os.kill(pids[0], signal.SIGTERM)  # SIGTERM is handled the same way
         stdout, _ = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
     finally:
         if proc.poll() is None:
