@@ -11,8 +11,7 @@ import signal
 
 import torch
 
-# "preempted, checkpoint saved": the launcher and SLURM scripts requeue on this code.
-PREEMPTED_EXIT_CODE = 85
+from training import PREEMPTED_EXIT_CODE  # noqa: F401  (re-exported: 85, "preempted, checkpoint saved")
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
