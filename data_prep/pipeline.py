@@ -156,8 +156,12 @@ def _map_kwargs(cfg, cache: Path, stage: str, fingerprint: str) -> dict:
             "cache_file_name": str(cache / f"{stage}.arrow"), "new_fingerprint": f"{stage}-{fingerprint}"}
 
 
-def read_and_clean(cfg, sources: list[Source], cache: Path, fingerprint: str):
-    """Read every source and clean it into the canonical columns; returns (dataset, record type, rows per source)."""
+def read_and_clean(cfg, sources: list[Source], cache: Path, fingerprint: str, on_kind=None):
+    """Read every source and clean it into the canonical columns; returns (dataset, record type).
+
+    ``on_kind(kind)`` is called once the record type is known, before any row is cleaned, so checks that
+    need only the settings (template, seq_len) fail before the long stages.
+    """
     import datasets
 
     cleaned, kinds = [], []
@@ -165,6 +169,8 @@ def read_and_clean(cfg, sources: list[Source], cache: Path, fingerprint: str):
         raw = read_source(src, cache / "read", cfg.num_proc)
         kind = resolve_record_type(raw.column_names, cfg, src)
         kinds.append(kind)
+        if src_id == 0 and on_kind:
+            on_kind(kind)
         if kind != kinds[0]:
             raise DataError(f"{src.path} holds {kind} records but {sources[0].path} holds {kinds[0]}; every source "
                             f"must have one record shape: set data.record_type or split the run")
@@ -221,12 +227,17 @@ def _drop_clean_rows(ds, split_ids: np.ndarray, drops: dict) -> np.ndarray:
     return np.flatnonzero(~empty & ~duplicate)
 
 
-def _tokenize(cfg, docs, kind: str, tokenizer, sources, cache: Path, fingerprint: str):
+def make_templater(cfg, tokenizer, kind: str) -> Templater:
+    """The templater for ``kind``; a DataError when the template cannot work (no chat template, seq_len too small)."""
     templater = Templater(tokenizer, cfg, kind)
     overhead = templater.overhead_tokens()
     if overhead >= cfg.seq_len:
         raise DataError(f"data.seq_len {cfg.seq_len} is too small: the template's own tokens (and EOS) take "
                         f"{overhead}, leaving no room for data; raise data.seq_len well above {overhead}")
+    return templater
+
+
+def _tokenize(cfg, docs, templater: Templater, sources, cache: Path, fingerprint: str):
     return docs.map(tokenize_batch, remove_columns=docs.column_names, features=token_features(),
                     fn_kwargs={"templater": templater, "seq_len": cfg.seq_len, "excess_length": cfg.excess_length,
                                "where": RowLocator(sources)},
@@ -250,7 +261,9 @@ def _write_split(cfg, tok, work: Path, split: str, doc_idx: np.ndarray, lengths:
 
 def _build(cfg, tokenizer, tokenizer_path, sources, key_parts, cache_key, work: Path) -> tuple[dict, dict]:
     cache = work / "_cache"
-    ds, kind = read_and_clean(cfg, sources, cache, cache_key[:16])
+    templaters: list[Templater] = []
+    ds, kind = read_and_clean(cfg, sources, cache, cache_key[:16],
+                              on_kind=lambda k: templaters.append(make_templater(cfg, tokenizer, k)))
     split_ids = assign_splits(column(ds, "_hash"), cfg.validation_fraction, cfg.test_fraction)
     rows_read = _count_by_split(split_ids, np.ones(len(split_ids), dtype=bool))
     drops = {name: dict.fromkeys(DROP_REASONS, 0) for name in SPLITS}
@@ -258,7 +271,7 @@ def _build(cfg, tokenizer, tokenizer_path, sources, key_parts, cache_key, work: 
     if not len(kept):
         raise _empty_data_error(drops, rows_read)
     docs = ds.select(kept)
-    tok = _tokenize(cfg, docs, kind, tokenizer, sources, cache, cache_key[:16])
+    tok = _tokenize(cfg, docs, templaters[0], sources, cache, cache_key[:16])
     split_kept = split_ids[kept]
     for r in ("too_long", "no_supervised_tokens"):
         for name, n in _count_by_split(split_kept, equals(tok, "_drop2", r)).items():
