@@ -73,7 +73,7 @@ class RunContext:
 class Driver:
     """Runs training to the end, early stop or preemption; ``run()`` returns the process exit code."""
 
-    def __init__(self, engine, loop, ctx: RunContext):
+    def __init__(self, engine, loop, ctx: RunContext, total_steps: int):
         self.engine, self.loop, self.ctx = engine, loop, ctx
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.device = next(engine.module.parameters()).device
@@ -85,7 +85,7 @@ class Driver:
             RankSequences.open(ctx.data_dir, ctx.manifest, "train", self.rank, self.world_size), self.collator,
             t.micro_batch_size, t.gradient_accumulation_steps, t.seed, self.rank)
         self.eval_micro = e.micro_batch_size or t.micro_batch_size
-        self.total_steps = t.max_steps or t.epochs * self.train_data.steps_per_epoch
+        self.total_steps = total_steps
         self.progress = Progress()
         self.root = ckpt.checkpoint_root(ctx.output_dir)
         self.preempt = PreemptionFlag()

@@ -79,6 +79,11 @@ def _numbers_equal(a, b) -> bool:
 
 
 def _check_optimizer_sections(cfg: dict, train: TrainConfig, json_path: Path, problems: list[str]) -> None:
+    opt_type = cfg.get("optimizer", {}).get("type", "auto")
+    if str(opt_type).lower() not in ("auto", "adam", "adamw"):
+        problems.append(f"{json_path.name}: optimizer.type = {opt_type!r}, but training uses AdamW configured by "
+                        f"train.lr, train.adam_beta1/2, train.adam_eps, train.weight_decay; remove the optimizer "
+                        f"section")
     opt = cfg.get("optimizer", {}).get("params", {})
     pairs = {"lr": (train.lr, "train.lr"), "weight_decay": (train.weight_decay, "train.weight_decay"),
              "eps": (train.adam_eps, "train.adam_eps")}

@@ -113,7 +113,7 @@ def build_driver(cfg: RunConfig, manifest: dict, tokenizer):
                      log_every_steps=cfg.logging.log_every_steps)
     steps = _total_steps(cfg, manifest, world_size)
     engine = build_engine(model, cfg.train, ds_config, steps)
-    return Driver(engine, loop, ctx)
+    return Driver(engine, loop, ctx, steps)
 
 
 def _total_steps(cfg: RunConfig, manifest: dict, world_size: int) -> int:

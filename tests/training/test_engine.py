@@ -49,6 +49,13 @@ def test_hand_set_contradiction_names_both(tmp_path):
     assert "gradient_clipping" not in text  # agrees with the YAML
 
 
+def test_another_optimizer_type_is_refused(tmp_path):
+    path = tmp_path / "sgd.json"
+    path.write_text(json.dumps({"optimizer": {"type": "SGD", "params": {"lr": "auto"}}}))
+    with pytest.raises(ConfigError, match="optimizer.type = 'SGD'"):
+        resolve_ds_config(_train(), DeepSpeedSection(), path, world_size=2)
+
+
 def test_stage_auto_says_to_use_the_launcher():
     with pytest.raises(ConfigError, match="zerotune launch"):
         resolve_ds_config(_train(), DeepSpeedSection(zero_stage="auto"), DS_CONFIG_DIR / "zero2.json", 2)
