@@ -85,7 +85,9 @@ def read_source(src: Source, cache_dir: Path, num_proc: int = 1):
         else:
             reader = {"csv": datasets.Dataset.from_csv, "json": datasets.Dataset.from_json,
                       "parquet": datasets.Dataset.from_parquet}[src.fmt]
-            ds = reader(str(src.path), cache_dir=str(cache_dir), num_proc=num_proc if num_proc > 1 else None)
+            # CSV cells are text: a numeric-looking answer ("42") stays text, and a BOM is not part of a name.
+            extra = {"features": _csv_text_features(src.path), "encoding": "utf-8-sig"} if src.fmt == "csv" else {}
+            ds = reader(str(src.path), cache_dir=str(cache_dir), num_proc=num_proc if num_proc > 1 else None, **extra)
     except DataError:
         raise
     except Exception as exc:  # noqa: BLE001 - every parser failure becomes one message naming the line
@@ -98,6 +100,15 @@ def read_source(src: Source, cache_dir: Path, num_proc: int = 1):
         raise DataError(f"{src.path}: no data rows (only a header, or nothing but blank lines); fill it or "
                         f"remove it from data.sources")
     return ds
+
+
+def _csv_text_features(path: Path):
+    """Every column of a CSV as text (header names read with the csv module)."""
+    from datasets import Features, Value
+
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        header = next(csv.reader(fh), [])
+    return Features({name: Value("string") for name in header}) if header else None
 
 
 def diagnose(src: Source) -> str | None:
@@ -208,4 +219,4 @@ def row_label(src: Source, row_index: int) -> str:
         return f"{src.path}: line {row_index + 1}"
     if src.fmt == "csv":
         return f"{src.path}: data row {row_index + 1} (after the header)"
-    return f"{src.path}: row {row_index}"
+    return f"{src.path}: row {row_index + 1}"

@@ -35,8 +35,6 @@ CSV_CASES = {
                  r"bad\.csv: line 3: bytes that are not UTF-8 \(byte offset 35 .*re-save the file as UTF-8"),
     "empty_file": (b"", r"bad\.csv: the file is empty"),
     "header_only": (b"question,answer\n", r"bad\.csv: no data rows"),
-    "numbers_as_text": (b"question,answer\n1,2\n3,4\n",
-                        r"bad\.csv: data row 1 .*data\.prompt_column 'question' holds a int .*where text is expected"),
 }
 
 
@@ -62,6 +60,14 @@ def test_number_in_one_json_row(tiny_model_dir, tmp_path, make_cfg):
     rows = [{"question": "What?", "answer": "Fine"}, {"question": 3.5, "answer": "x"}]
     _expect_error(make_cfg([write_jsonl(tmp_path / "rows.jsonl", rows)]), tiny_model_dir,
                   r"rows\.jsonl: line 2: data\.prompt_column 'question' holds a float")
+
+
+def test_numbers_where_text_is_expected_in_parquet(tiny_model_dir, tmp_path, make_cfg):
+    import datasets
+
+    datasets.Dataset.from_dict({"question": [1, 2], "answer": ["a", "b"]}).to_parquet(str(tmp_path / "n.parquet"))
+    _expect_error(make_cfg([tmp_path / "n.parquet"]), tiny_model_dir,
+                  r"n\.parquet: row 1: data\.prompt_column 'question' holds a int .*where text is expected")
 
 
 def test_messages_not_a_list_of_turns(tiny_model_dir, tmp_path, make_cfg):

@@ -180,3 +180,11 @@ def test_worker_processes_give_identical_output(tiny_model_dir, qa_csv, make_cfg
     multi = prepare(make_cfg([qa_csv], num_proc=2, map_batch_size=17), str(tiny_model_dir), force=True)
     strip = lambda m: {k: v for k, v in m.items() if k not in ("created_at", "settings")}  # noqa: E731
     assert strip(multi) == strip(single)
+
+
+def test_csv_cells_are_text_and_a_bom_is_not_part_of_a_name(tiny_model_dir, tmp_path, make_cfg):
+    rows = "".join(f"What is {i} + {i}?,{2 * i}\n" for i in range(30))
+    path = tmp_path / "numbers.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + f"question,answer\n{rows}".encode())
+    manifest = prepare(make_cfg([path], record_type="prompt_response"), str(tiny_model_dir))
+    assert sum(s["documents"] for s in manifest["splits"].values()) == 30
