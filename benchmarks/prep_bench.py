@@ -82,6 +82,7 @@ def run_case(data: Path, model: Path, out: Path, seq_len: int, num_proc: int) ->
 
 
 def main() -> None:
+    """Run the scales asked for and print one line each, then the marginal rate and the memory ratio."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scales", type=int, nargs="+", default=[1, 100])
     parser.add_argument("--num-proc", type=int, default=1)
@@ -90,6 +91,7 @@ def main() -> None:
     sys.path.insert(0, str(REPO_ROOT))
     from training.tiny_model import write_tiny_model
 
+    results = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model = write_tiny_model(tmp / "model", [str(SAMPLE)], vocab_size=2048, hidden_size=64, num_layers=2)
@@ -100,6 +102,13 @@ def main() -> None:
             print(f"scale {scale:>4}x  rows {rows:>7}  docs {r['documents']:>7}  tokens {r['tokens']:>9}  "
                   f"{r['seconds']:7.1f} s  {r['tokens_per_s']:>8} tokens/s  peak RSS {r['peak_rss_mib']:7.1f} MiB",
                   flush=True)
+            results.append(r)
+    if len(results) > 1:
+        # Start-up (imports, tokenizer load, report) costs the same at every scale: the slope is the rate.
+        d_tokens = results[-1]["tokens"] - results[0]["tokens"]
+        d_seconds = results[-1]["seconds"] - results[0]["seconds"]
+        print(f"marginal throughput {args.scales[0]}x -> {args.scales[-1]}x: {d_tokens / d_seconds:,.0f} tokens/s; "
+              f"peak RSS ratio {results[-1]['peak_rss_mib'] / results[0]['peak_rss_mib']:.2f}")
 
 
 if __name__ == "__main__":
