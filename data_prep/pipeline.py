@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -49,8 +50,10 @@ def prepare(cfg, tokenizer_path: str, force: bool = False) -> dict:
         return existing
     _check_replaceable(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_work_dirs(out_dir)
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
+        (work / OWNER_FILE).write_text(_owner())
         os.chmod(work, 0o777 & ~_umask())  # mkdtemp makes it private; the published folder should not be
         manifest, report = _build(cfg, tokenizer, tokenizer_path, sources, key_parts, cache_key, work)
         _publish(work, out_dir)
@@ -59,6 +62,40 @@ def prepare(cfg, tokenizer_path: str, force: bool = False) -> dict:
         raise
     report_mod.print_summary(manifest, report, out_dir)
     return manifest
+
+
+OWNER_FILE = ".owner"
+
+
+def _owner() -> str:
+    return f"{socket.gethostname()} {os.getpid()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_work_dirs(out_dir: Path) -> list[Path]:
+    """Remove temporary siblings of ``out_dir`` left by a prep that was killed (its process is gone).
+
+    Only folders made on this host are judged: a live run on another node of a shared filesystem is left alone.
+    """
+    removed = []
+    for path in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):
+        try:
+            host, pid = (path / OWNER_FILE).read_text().split()
+        except (OSError, ValueError):
+            continue
+        if host == socket.gethostname() and not _pid_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def _umask() -> int:
@@ -131,6 +168,7 @@ def _check_replaceable(out_dir: Path) -> None:
 def _publish(work: Path, out_dir: Path) -> None:
     """Rename the finished folder into place; an older complete one is removed only afterwards."""
     shutil.rmtree(work / "_cache", ignore_errors=True)
+    (work / OWNER_FILE).unlink()
     old = None
     if out_dir.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))

@@ -1,7 +1,9 @@
 """End-to-end prep runs: round trip through the shard reader, determinism, cache, inputs of every kind."""
 
 import json
+import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -81,10 +83,10 @@ def test_round_trip_text_and_prompt_masks(bundled, tiny_model_dir, sample_csv):
 
 def test_report_files(bundled):
     cfg, manifest = bundled
-    report = json.loads((__import__("pathlib").Path(cfg.output_dir) / "report.json").read_text())
+    report = json.loads((Path(cfg.output_dir) / "report.json").read_text())
     assert report["document_lengths"]["documents"] == sum(s["documents"] for s in manifest["splits"].values())
     assert any("small fine-tuning set" in w for w in report["warnings"])
-    png = (__import__("pathlib").Path(cfg.output_dir) / "lengths.png").read_bytes()
+    png = (Path(cfg.output_dir) / "lengths.png").read_bytes()
     assert png.startswith(b"\x89PNG")
 
 
@@ -168,7 +170,7 @@ def test_text_parquet_and_save_to_disk_and_folder_inputs(tiny_model_dir, tmp_pat
 def test_output_replaces_old_folder_only_when_complete(tiny_model_dir, qa_csv, make_cfg):
     cfg = make_cfg([qa_csv])
     prepare(cfg, str(tiny_model_dir))
-    parent = __import__("pathlib").Path(cfg.output_dir).parent
+    parent = Path(cfg.output_dir).parent
     prepare(make_cfg([qa_csv], seq_len=200), str(tiny_model_dir))
     assert load_manifest(cfg.output_dir)["seq_len"] == 200
     assert sorted(p.name for p in parent.iterdir() if p.name.startswith(".")) == [], "no temporary folders left"
@@ -188,3 +190,20 @@ def test_csv_cells_are_text_and_a_bom_is_not_part_of_a_name(tiny_model_dir, tmp_
     path.write_bytes(b"\xef\xbb\xbf" + f"question,answer\n{rows}".encode())
     manifest = prepare(make_cfg([path], record_type="prompt_response"), str(tiny_model_dir))
     assert sum(s["documents"] for s in manifest["splits"].values()) == 30
+
+
+def test_a_killed_runs_temporary_folder_is_removed(tiny_model_dir, qa_csv, make_cfg):
+    import socket
+    import subprocess
+    import sys
+
+    cfg = make_cfg([qa_csv])
+    parent = Path(cfg.output_dir).parent
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale, live = parent / ".prepared.tmp-dead", parent / ".prepared.tmp-live"
+    for folder, pid in ((stale, int(dead.stdout)), (live, os.getpid())):
+        folder.mkdir()
+        (folder / ".owner").write_text(f"{socket.gethostname()} {pid}")
+    prepare(cfg, str(tiny_model_dir))
+    assert not stale.exists() and live.exists(), "only a dead process's folder is removed"
+    assert not (Path(cfg.output_dir) / ".owner").exists()
