@@ -11,10 +11,7 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
-import os
 import shutil
-import socket
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +20,7 @@ from . import report as report_mod
 from .clean import clean_batch, clean_features, first_occurrences
 from .errors import DataError
 from .format import FORMAT_NAME, FORMAT_VERSION, SPLITS, tokenizer_hash
+from .outdir import make_work_dir, publish
 from .pack import assign_to_shards, no_packing, pack_best_fit, packing_efficiency
 from .readers import Source, expand_sources, read_source, resolve_record_type, row_label
 from .shards import write_shard
@@ -48,60 +46,16 @@ def prepare(cfg, tokenizer_path: str, force: bool = False) -> dict:
         print(f"zerotune prep: {out_dir} is up to date (cache key {cache_key[:12]}: same inputs, tokenizer, "
               f"template and settings); nothing to do. Use --force to rebuild.")
         return existing
-    _check_replaceable(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_work_dirs(out_dir)
-    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    work = make_work_dir(out_dir)
     try:
-        (work / OWNER_FILE).write_text(_owner())
-        os.chmod(work, 0o777 & ~_umask())  # mkdtemp makes it private; the published folder should not be
         manifest, report = _build(cfg, tokenizer, tokenizer_path, sources, key_parts, cache_key, work)
-        _publish(work, out_dir)
+        shutil.rmtree(work / "_cache", ignore_errors=True)
+        publish(work, out_dir)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
     report_mod.print_summary(manifest, report, out_dir)
     return manifest
-
-
-OWNER_FILE = ".owner"
-
-
-def _owner() -> str:
-    return f"{socket.gethostname()} {os.getpid()}"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_stale_work_dirs(out_dir: Path) -> list[Path]:
-    """Remove temporary siblings of ``out_dir`` left by a prep that was killed (its process is gone).
-
-    Only folders made on this host are judged: a live run on another node of a shared filesystem is left alone.
-    """
-    removed = []
-    for path in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):
-        try:
-            host, pid = (path / OWNER_FILE).read_text().split()
-        except (OSError, ValueError):
-            continue
-        if host == socket.gethostname() and not _pid_alive(int(pid)):
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-    return removed
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def load_tokenizer(path: str):
@@ -156,26 +110,6 @@ def _complete_manifest(out_dir: Path) -> dict | None:
         return json.loads((out_dir / "manifest.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return None
-
-
-def _check_replaceable(out_dir: Path) -> None:
-    if out_dir.exists() and (not out_dir.is_dir() or
-                             (any(out_dir.iterdir()) and not (out_dir / "manifest.json").is_file())):
-        raise DataError(f"data.output_dir {out_dir} exists and is not a prepared-data folder (no manifest.json); "
-                        f"prep only replaces its own output: remove it or choose another data.output_dir")
-
-
-def _publish(work: Path, out_dir: Path) -> None:
-    """Rename the finished folder into place; an older complete one is removed only afterwards."""
-    shutil.rmtree(work / "_cache", ignore_errors=True)
-    (work / OWNER_FILE).unlink()
-    old = None
-    if out_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        os.replace(out_dir, old / "prev")
-    os.replace(work, out_dir)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 class RowLocator:
