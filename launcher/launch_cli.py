@@ -28,6 +28,7 @@ def cmd_launch(args) -> int:
     files = write_run_dir(cfg, cluster, manifest, stage_dir=stage_dir)
     argv = launch_argv(cluster, files.config.resolve(), files.hostfile.resolve() if files.hostfile else None)
     print(_summary(cfg, cluster, files, args.stage_data))
+    print(_steps_line(cfg, manifest, cluster.world_size))
     print(f"command: {shlex.join(argv)}")
     if args.dry_run:
         print("dry run: nothing started")
@@ -48,6 +49,17 @@ def _summary(cfg, cluster, files, stage_dir) -> str:
     if stage_dir:
         lines.append(f"data staged to {stage_dir} and verified against the manifest")
     return "\n".join(lines)
+
+
+def _steps_line(cfg, manifest: dict, world_size: int) -> str:
+    """Steps per epoch and in total, from the manifest (every rank gets the same number of sequences)."""
+    t = cfg.train
+    sequences = manifest["splits"]["train"]["sequences"]
+    per_step = t.micro_batch_size * t.gradient_accumulation_steps * world_size
+    per_epoch = sequences // per_step
+    total = t.max_steps if t.max_steps is not None else t.epochs * per_epoch
+    return (f"steps: {sequences} training sequences / {per_step} per optimizer step = {per_epoch} steps per "
+            f"epoch; {total} steps in total")
 
 
 def register(subparsers, add_config_args) -> None:

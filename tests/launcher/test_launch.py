@@ -163,3 +163,13 @@ def test_auto_stage_that_fits_nowhere_stops_the_launch(make_run, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "fits nowhere" in err and "GB per GPU > 0.01 GB" in err
     assert not (run_yaml.parent / "out").exists()
+
+
+def test_dry_run_prints_the_step_arithmetic(make_run, prepared_data, capsys):
+    run_yaml = make_run(train={"max_steps": None, "epochs": 3, "micro_batch_size": 2,
+                               "gradient_accumulation_steps": 2})
+    assert main(["launch", str(run_yaml), "--num-gpus", "3", "--dry-run"]) == 0
+    sequences = json.loads((prepared_data / "manifest.json").read_text())["splits"]["train"]["sequences"]
+    per_epoch = sequences // 12
+    assert (f"steps: {sequences} training sequences / 12 per optimizer step = {per_epoch} steps per epoch; "
+            f"{3 * per_epoch} steps in total") in capsys.readouterr().out
