@@ -214,8 +214,8 @@ def _raise_auto_failed(columns, cfg, src) -> str:
 
 
 def row_label(src: Source, row_index: int) -> str:
-    """How a user finds row ``row_index`` (0-based) of a source: a line for JSONL, a data row otherwise."""
-    if src.fmt == "json":
+    """How a user finds row ``row_index`` (0-based) of a source: a line for JSONL, a row otherwise."""
+    if src.fmt == "json" and src.path.suffix.lower() == ".jsonl":
         return f"{src.path}: line {row_index + 1}"
     if src.fmt == "csv":
         return f"{src.path}: data row {row_index + 1} (after the header)"

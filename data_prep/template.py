@@ -5,6 +5,10 @@ or all of a text). The text is tokenized in batches by the fast tokenizer with o
 token carries loss when it overlaps a supervised span. Working on characters rather than token prefixes
 keeps the masking right when the tokenizer merges characters across a span boundary.
 
+With ``template: format`` the text before ``{response}`` is the prompt; ``{system}`` in the format string
+is replaced by data.system_prompt (or nothing). A chat template gets data.system_prompt as a leading system
+message unless the conversation has its own.
+
 Assistant spans in a chat template are found by rendering the conversation up to each assistant turn with
 ``add_generation_prompt=True`` (where the answer starts) and up to the end of that turn (where it ends).
 """
