@@ -207,3 +207,20 @@ def test_a_killed_runs_temporary_folder_is_removed(tiny_model_dir, qa_csv, make_
     prepare(cfg, str(tiny_model_dir))
     assert not stale.exists() and live.exists(), "only a dead process's folder is removed"
     assert not (Path(cfg.output_dir) / ".owner").exists()
+
+
+def test_format_template_round_trip(tiny_model_dir, tmp_path, make_cfg):
+    rows = qa_rows(40)
+    fmt = "### Question:\n{prompt}\n\n### Answer:\n{response}"
+    cfg = make_cfg([write_csv(tmp_path / "qa.csv", rows)], template="format", format_string=fmt, seq_len=512)
+    manifest = prepare(cfg, str(tiny_model_dir))
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    expected = {fmt.replace("{prompt}", r["question"]).replace("{response}", r["answer"]) + tok.eos_token:
+                fmt.split("{response}")[0].replace("{prompt}", r["question"]) for r in rows}
+    docs = _documents(cfg.output_dir, manifest)
+    assert len(docs) == len(rows)
+    for ids, labels in docs:
+        text = tok.decode(ids)
+        k = int(np.flatnonzero(labels != IGNORE_INDEX)[0])
+        assert text in expected and tok.decode(ids[:k]) == expected[text]
+        assert np.array_equal(labels[k:], ids[k:]) and ids[-1] == tok.eos_token_id
