@@ -99,7 +99,9 @@ def model_shape(name_or_path: str, trust_remote_code: bool = False) -> ModelShap
     try:
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise PlanError(f"model.name_or_path {name_or_path!r}: cannot read its config.json ({exc})") from None
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise PlanError(f"model.name_or_path {name_or_path!r}: cannot read its config.json ({first}); use a "
+                        f"local folder with a config.json, or a hub name with network access") from None
     # The meta device allocates nothing; unlike accelerate's init_empty_weights it keeps tied weights tied.
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
@@ -282,6 +284,8 @@ def format_plan(plan: Plan) -> str:
     else:
         lines.append(f"data: {b['data']}")
     if "estimated_hours" in b:
-        lines.append(f"time: ~{b['estimated_hours']:.2f} h at {b['mfu']:.0%} MFU of {b['peak_tflops']:g} TFLOP/s "
+        secs = b["estimated_seconds"]
+        span = f"{secs / 3600:.1f} h" if secs >= 3600 else f"{secs / 60:.1f} min" if secs >= 60 else f"{secs:.1f} s"
+        lines.append(f"time: ~{span} at {b['mfu']:.0%} MFU of {b['peak_tflops']:g} TFLOP/s "
                      f"per GPU (6 x params + attention FLOPs per token)")
     return "\n".join(lines)

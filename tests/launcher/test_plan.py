@@ -168,3 +168,14 @@ def test_plan_cli_json(tmp_path, capsys):
     assert main(["plan", str(cfg)]) == 0
     table = capsys.readouterr().out
     assert "ZeRO-3 + CPU offload" in table and "chosen:" in table
+
+
+def test_unreadable_model_config_is_one_line(tmp_path, capsys):
+    from launcher.cli import main
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"output_dir: {tmp_path / 'run'}\nmodel: {{name_or_path: {tmp_path / 'no-model'}}}\n"
+                   f"data: {{sources: [x.csv], output_dir: {tmp_path / 'prep'}}}\n")
+    assert main(["plan", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "model.name_or_path" in err and "config.json" in err
