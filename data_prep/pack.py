@@ -10,8 +10,13 @@ from __future__ import annotations
 import numpy as np
 
 
-def pack_best_fit(lengths: np.ndarray, seq_len: int) -> list[list[int]]:
-    """Group document indices into sequences whose lengths sum to at most seq_len (BFD; deterministic)."""
+def pack_best_fit(lengths: np.ndarray, seq_len: int, desc: str | None = None) -> list[list[int]]:
+    """Group document indices into sequences whose lengths sum to at most seq_len (BFD; deterministic).
+
+    ``desc`` shows a progress bar with that label.
+    """
+    from tqdm.auto import tqdm
+
     lengths = np.asarray(lengths, dtype=np.int64)
     if len(lengths) and lengths.max() > seq_len:
         raise ValueError(f"a document of {lengths.max()} tokens exceeds seq_len {seq_len}")
@@ -19,7 +24,7 @@ def pack_best_fit(lengths: np.ndarray, seq_len: int) -> list[list[int]]:
     open_count = np.zeros(seq_len + 1, dtype=np.int64)  # open sequences per remaining room
     by_room: list[list[int]] = [[] for _ in range(seq_len + 1)]
     bins: list[list[int]] = []
-    for doc in order.tolist():
+    for doc in tqdm(order.tolist(), desc=desc, unit="doc", disable=desc is None, leave=False, mininterval=1.0):
         need = int(lengths[doc])
         fits = np.flatnonzero(open_count[need:])
         if fits.size:

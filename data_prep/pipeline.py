@@ -219,7 +219,8 @@ def _tokenize(cfg, docs, templater: Templater, sources, cache: Path, fingerprint
 def _write_split(cfg, tok, work: Path, split: str, doc_idx: np.ndarray, lengths: np.ndarray) -> dict:
     from tqdm.auto import tqdm
 
-    local = pack_best_fit(lengths[doc_idx], cfg.seq_len) if cfg.packing else no_packing(len(doc_idx))
+    local = pack_best_fit(lengths[doc_idx], cfg.seq_len, desc=f"pack {split}") if cfg.packing else \
+        no_packing(len(doc_idx))
     sequences = [[int(doc_idx[i]) for i in seq] for seq in local]
     shards = []
     for s, members in enumerate(tqdm(assign_to_shards(len(sequences), cfg.num_shards), desc=f"write {split}",
