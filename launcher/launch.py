@@ -83,6 +83,19 @@ def launch_argv(cluster: Cluster, config_path: str | Path, hostfile_path: str | 
     return deepspeed_argv(cluster, config_path, train_script, hostfile_path)
 
 
+def check_launcher_tools(cluster: Cluster, which=shutil.which) -> None:
+    """The programs this cluster's launch needs are installed here (before anything starts)."""
+    from launcher.cluster import ClusterError
+
+    needed = ["srun"] if cluster.source == "slurm" else ["deepspeed"]
+    if cluster.source == "hostfile" and cluster.num_nodes > 1:
+        needed.append("pdsh")  # deepspeed's multi-node launcher starts the remote ranks through pdsh
+    missing = [n for n in needed if not which(n) and not (Path(sys.executable).parent / n).is_file()]
+    if missing:
+        raise ClusterError(f"{', '.join(missing)} not found on this machine, but a {cluster.source} launch with "
+                           f"{cluster.num_nodes} node(s) needs it; install it or put it on PATH")
+
+
 # --------------------------------------------------------------------------- ZeRO stage "auto"
 
 

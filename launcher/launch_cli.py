@@ -6,7 +6,8 @@ import shlex
 import sys
 
 from launcher.cluster import check_hosts, discover
-from launcher.launch import check_data, launch_argv, resolve_auto_stage, run_ranks, stage_data, write_run_dir
+from launcher.launch import (check_data, check_launcher_tools, launch_argv, resolve_auto_stage, run_ranks,
+                             stage_data, write_run_dir)
 
 
 def cmd_launch(args) -> int:
@@ -18,6 +19,7 @@ def cmd_launch(args) -> int:
     cfg.validate(cluster.world_size)
     if cluster.source != "slurm":
         check_hosts(cluster, ssh_timeout_s=args.ssh_timeout)
+    check_launcher_tools(cluster)
     manifest = check_data(cfg.data.output_dir)
     stage_reason = resolve_auto_stage(cfg, cluster, args.gpu_memory_gb, args.cpu_memory_gb)
     if stage_reason:

@@ -173,3 +173,15 @@ def test_dry_run_prints_the_step_arithmetic(make_run, prepared_data, capsys):
     per_epoch = sequences // 12
     assert (f"steps: {sequences} training sequences / 12 per optimizer step = {per_epoch} steps per epoch; "
             f"{3 * per_epoch} steps in total") in capsys.readouterr().out
+
+
+def test_missing_launcher_tools_are_named():
+    from launcher.cluster import ClusterError
+    from launcher.launch import check_launcher_tools
+
+    multi = Cluster([Host("n1", 8), Host("n2", 8)], "hostfile", master_addr="n1")
+    with pytest.raises(ClusterError, match="pdsh not found"):
+        check_launcher_tools(multi, which=lambda name: None if name == "pdsh" else f"/usr/bin/{name}")
+    check_launcher_tools(Cluster([Host("localhost", 2)], "local"), which=lambda name: f"/usr/bin/{name}")
+    with pytest.raises(ClusterError, match="srun not found"):
+        check_launcher_tools(Cluster([Host("n1", 1)], "slurm"), which=lambda name: None)
