@@ -28,7 +28,7 @@ from .split import SPLIT_IDS, assign_splits, cross_split_overlap
 from .template import Templater, token_features, tokenize_batch
 
 # Bump when a change here changes the output for the same inputs, so old caches are rebuilt.
-PIPELINE_VERSION = 2
+PIPELINE_VERSION = 3
 DROP_REASONS = ("empty_field", "duplicate", "too_long", "no_supervised_tokens")
 # Settings that change how fast prep runs but never what it writes: left out of the cache key.
 NON_OUTPUT_SETTINGS = ("output_dir", "num_proc", "map_batch_size")

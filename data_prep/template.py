@@ -92,7 +92,9 @@ class Templater:
         ends_with_eos = bool(spans) and full.endswith(self.tok.eos_token, 0, spans[-1][1])
         if self.cfg.train_on_prompt and spans:
             spans = [(0, len(full))]
-        return Rendered(full, spans, append_eos=bool(spans) and not ends_with_eos)
+        # EOS is appended only where an answer ends the document and the template did not end it with EOS.
+        append_eos = bool(spans) and not ends_with_eos and messages[-1]["role"] == "assistant"
+        return Rendered(full, spans, append_eos=append_eos)
 
     def _end_at_eos(self, full: str, span: Span) -> Span:
         """Cut the whitespace a template writes after a turn's EOS: predicting it after EOS is noise."""

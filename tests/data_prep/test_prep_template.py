@@ -108,3 +108,15 @@ def test_tokenizer_without_chat_template_suggests_format(tok):
 def test_overhead_counts_template_tokens(tok):
     assert Templater(tok, DataConfig(), "prompt_response").overhead_tokens() >= 8
     assert Templater(tok, DataConfig(), "text").overhead_tokens() == 1
+
+
+def test_eos_is_appended_after_the_answer_when_the_template_has_none(tok):
+    plain = AutoTokenizer.from_pretrained(tok.name_or_path)
+    plain.chat_template = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+                           "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+    answer = _tokenize(plain, DataConfig(), "prompt_response", [{"prompt": "Q?", "response": "A."}])
+    assert answer["input_ids"][0][-1] == plain.eos_token_id and answer["labels"][0][-1] == plain.eos_token_id
+    conv = [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}, {"role": "user", "content": "Ok"}]
+    trailing_user = _tokenize(plain, DataConfig(), "messages", [{"messages": conv}])
+    assert plain.eos_token_id not in trailing_user["input_ids"][0].tolist(), "no EOS after a user turn"
+    assert _supervised_text(plain, trailing_user["input_ids"][0], trailing_user["labels"][0]).strip() == "A."
