@@ -28,6 +28,7 @@ def _documents(data_dir, manifest):
                 starts = np.flatnonzero(pos == 0).tolist() + [len(ids)]
                 assert starts[0] == 0 and (np.diff(pos[starts[0]:]) != 1).sum() == len(starts) - 2
                 docs.extend((ids[a:b], labels[a:b]) for a, b in zip(starts, starts[1:]))
+                assert (labels[starts[:-1]] == IGNORE_INDEX).all(), "a document's first token is never a target"
     return docs
 
 
@@ -224,3 +225,13 @@ def test_format_template_round_trip(tiny_model_dir, tmp_path, make_cfg):
         k = int(np.flatnonzero(labels != IGNORE_INDEX)[0])
         assert text in expected and tok.decode(ids[:k]) == expected[text]
         assert np.array_equal(labels[k:], ids[k:]) and ids[-1] == tok.eos_token_id
+
+
+def test_over_length_rows_dropped_and_counted(tiny_model_dir, qa_csv, make_cfg):
+    cfg = make_cfg([qa_csv], seq_len=128, excess_length="drop")
+    manifest = prepare(cfg, str(tiny_model_dir))
+    too_long = sum(s["rows_dropped"]["too_long"] for s in manifest["splits"].values())
+    assert too_long > 0
+    assert sum(s["documents"] for s in manifest["splits"].values()) + too_long == 200
+    for ids, _ in _documents(cfg.output_dir, manifest):
+        assert len(ids) <= 128
