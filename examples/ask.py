@@ -23,7 +23,7 @@ def main() -> None:
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": args.question}],
                                            add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with torch.no_grad():
-        out = model.generate(**prompt, max_new_tokens=args.max_new_tokens, do_sample=False)
+        out = model.generate(**prompt, max_new_tokens=args.max_new_tokens, do_sample=False, no_repeat_ngram_size=3)
     answer = tokenizer.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True).strip()
     print(f"Q: {args.question}\nA: {answer}")
 
