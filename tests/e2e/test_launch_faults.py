@@ -17,7 +17,7 @@ import pytest
 from slurm_cluster import train_losses
 
 pytestmark = pytest.mark.dist
-MAX_STEPS = 16
+MAX_STEPS = 10
 # deepspeed.timeout_minutes bounds how long survivors may wait in a collective; the launcher reaps them
 # as soon as it sees one rank die, so the job must end well within this.
 END_WITHIN_S = 120
