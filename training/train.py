@@ -50,6 +50,10 @@ def validate_inputs(cfg: RunConfig, world_size: int):
         raise DataError(f"model.name_or_path {cfg.model.name_or_path!r}: cannot load its tokenizer "
                         f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
     check_tokenizer(manifest, tokenizer, cfg.data.output_dir, cfg.model.name_or_path)
+    if manifest.get("seq_len") != cfg.data.seq_len:
+        raise DataError(f"{Path(cfg.data.output_dir) / 'manifest.json'}: data was prepared with seq_len "
+                        f"{manifest.get('seq_len')}, but data.seq_len is {cfg.data.seq_len}; run `zerotune prep "
+                        f"CONFIG` again (or set data.seq_len back)")
     get_loop(cfg.train.loop)  # an unknown loop name fails here, before any process starts
     return manifest, tokenizer
 

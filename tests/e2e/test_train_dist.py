@@ -106,14 +106,14 @@ def check(proc, rc: int = 0):
     return proc
 
 
-def train_losses(run_dir: Path) -> dict[int, float]:
-    """Per-step train/loss from metrics.jsonl; a step run twice (before a crash, after resume) keeps the last."""
-    losses = {}
+def train_losses(run_dir: Path, tag: str = "train/loss") -> dict[int, float]:
+    """Per-step ``tag`` from metrics.jsonl; a step run twice (before a crash, after resume) keeps the last."""
+    values = {}
     for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
         record = json.loads(line)
         if record["kind"] == "train":
-            losses[record["step"]] = record["train/loss"]
-    return losses
+            values[record["step"]] = record[tag]
+    return values
 
 
 @pytest.fixture(scope="module")
@@ -268,13 +268,16 @@ def test_resume_with_another_world_size_is_refused(reference, tmp_path):
 
 
 def test_accumulation_4x1_equals_1x4(deepspeed_bin, tiny_model_dir, prepared, tmp_path):
+    """Same parameters whichever way a step's sequences are split into micro-batches (pretrain loop, so
+    micro-batches differ a lot in token counts: a per-micro-batch mean would not match)."""
     from safetensors.torch import load_file
 
     runs = {}
     for micro, accum in ((1, 4), (4, 1)):
         out = tmp_path / f"m{micro}a{accum}"
         cfg = run_config(tiny_model_dir, prepared, out, stage=2,
-                         train={"max_steps": 3, "micro_batch_size": micro, "gradient_accumulation_steps": accum},
+                         train={"max_steps": 3, "micro_batch_size": micro, "gradient_accumulation_steps": accum,
+                                "loop": "pretrain"},
                          eval={"every_steps": None, "sample_generations": 0}, checkpoint={"every_steps": None})
         check(launch(deepspeed_bin, cfg))
         runs[(micro, accum)] = out
@@ -282,6 +285,11 @@ def test_accumulation_4x1_equals_1x4(deepspeed_bin, tiny_model_dir, prepared, tm
     assert a.keys() == b.keys() == {1, 2, 3}
     for step in a:
         assert a[step] == pytest.approx(b[step], rel=1e-5)
+    # Adam hides a uniform gradient scale in the parameters; the pre-clipping norm shows it (e.g. a stray
+    # division by the accumulation steps).
+    norm_a, norm_b = (train_losses(runs[k], "train/grad_norm") for k in ((1, 4), (4, 1)))
+    for step in norm_a:
+        assert norm_a[step] == pytest.approx(norm_b[step], rel=1e-4)
     probes = [load_file(str(r / "checkpoints" / "step-00000003" / "probe.safetensors")) for r in runs.values()]
     diff = (probes[0]["logits"] - probes[1]["logits"]).abs().max().item()
     assert diff < 1e-3, diff
