@@ -124,10 +124,15 @@ def _start_munge() -> bool:
 
 
 def _ensure_hosts() -> None:
-    """The node names must resolve (ranks rendezvous at n1)."""
+    """The node names (ranks rendezvous at n1) and this host's name (slurmctld's address) must resolve."""
     hosts = Path("/etc/hosts")
     text = hosts.read_text()
-    missing = [n for n in NODES if not any(n in line.split()[1:] for line in text.splitlines()
+    names = list(NODES)
+    try:
+        socket.gethostbyname(socket.gethostname())
+    except OSError:
+        names.append(socket.gethostname())
+    missing = [n for n in names if not any(n in line.split()[1:] for line in text.splitlines()
                                            if line.strip() and not line.startswith("#"))]
     if missing:
         hosts.write_text(text.rstrip("\n") + f"\n127.0.0.1 {' '.join(missing)}\n")
