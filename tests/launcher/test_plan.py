@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from launcher.plan import (GB, activation_bytes, choose_stage, estimate_stages, logits_bytes, make_plan,
+from launcher.plan import (activation_bytes, logits_bytes, make_plan,
                            model_shape, model_states_bytes)
 from training.config import config_from_dict
 
