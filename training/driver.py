@@ -257,14 +257,13 @@ class Driver:
         self.ctx.logger.line(f"step {p.step:>6} | saved checkpoint {tag}")
 
     def _maybe_resume(self) -> None:
+        if self.ctx.checkpoint.resume == "never":  # train.py refused a run dir holding checkpoints
+            return
         tag, notes = ckpt.find_resume_tag(self.root)
         for note in notes:
             self.ctx.logger.line(f"warning: {note}")
         if tag is None:
             return
-        if self.ctx.checkpoint.resume == "never":
-            raise ckpt.ResumeError(f"checkpoint.resume: never, but {self.root} already holds checkpoints "
-                                   f"({tag}); choose a new output_dir or set checkpoint.resume: auto")
         state = json.loads((self.root / tag / ckpt.STATE_FILE).read_text(encoding="utf-8"))
         self._check_resumable(tag, state)
         load_path, _ = self.engine.load_checkpoint(str(self.root), tag=tag)

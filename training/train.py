@@ -55,6 +55,7 @@ def validate_inputs(cfg: RunConfig, world_size: int):
                         f"{manifest.get('seq_len')}, but data.seq_len is {cfg.data.seq_len}; run `zerotune prep "
                         f"CONFIG` again (or set data.seq_len back)")
     get_loop(cfg.train.loop)  # an unknown loop name fails here, before any process starts
+    check_resume_setting(cfg)
     return manifest, tokenizer
 
 
@@ -69,6 +70,16 @@ def check_tokenizer(manifest: dict, tokenizer, data_dir: str, model_path: str) -
             raise DataError(f"{Path(data_dir) / 'manifest.json'}: data was prepared with a different tokenizer "
                             f"(tokenizer.{key} {saved.get(key)!r}, but {model_path!r} has {value!r}); run "
                             f"`zerotune prep CONFIG --force` with this model.name_or_path")
+
+
+def check_resume_setting(cfg: RunConfig) -> None:
+    """With checkpoint.resume: never, refuse a run dir that already holds checkpoints (nothing is overwritten)."""
+    from training.checkpoint import ResumeError, checkpoint_root, complete_tags
+
+    tags = complete_tags(checkpoint_root(cfg.output_dir))
+    if cfg.checkpoint.resume == "never" and tags:
+        raise ResumeError(f"checkpoint.resume: never, but {checkpoint_root(cfg.output_dir)} already holds "
+                          f"checkpoints ({tags[-1]}); choose a new output_dir or set checkpoint.resume: auto")
 
 
 def init_distributed(cfg: RunConfig) -> None:
