@@ -153,13 +153,18 @@ def model_shape(model) -> dict:
     return {"num_params": num_params, "num_layers": conf.num_hidden_layers, "hidden_size": conf.hidden_size}
 
 
-def close_distributed() -> None:
-    """Barrier then destroy the process group: ZeRO-3 otherwise aborts at interpreter exit."""
+def close_distributed(all_ranks_here: bool) -> None:
+    """Barrier then destroy the process group: ZeRO-3 otherwise aborts at interpreter exit.
+
+    After an unexpected error on one rank the others may never reach the barrier, so it is skipped and
+    the error ends the process (the launcher then stops the other ranks).
+    """
     import torch.distributed as dist
 
     if dist.is_initialized():
         try:
-            dist.barrier()
+            if all_ranks_here:
+                dist.barrier()
         finally:
             dist.destroy_process_group()
 
@@ -167,22 +172,25 @@ def close_distributed() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     world_size = int(os.environ.get("WORLD_SIZE", 1))
-    driver = None
+    driver, clean = None, False
     try:
         cfg = load_config(args.config, args.overrides)
         manifest, tokenizer = validate_inputs(cfg, world_size)
         init_distributed(cfg)
         driver = build_driver(cfg, manifest, tokenizer)
-        return driver.run()
+        code = driver.run()
+        clean = True
+        return code
     except Exception as exc:  # a user error is one line, not a traceback from three layers down
         if isinstance(exc, ConfigError) or getattr(exc, "user_error", False):
+            clean = True  # user errors are found alike on every rank
             print(f"error: {exc}", file=sys.stderr, flush=True)
             return 2
         raise
     finally:
         if driver is not None:
             driver.ctx.logger.close()
-        close_distributed()
+        close_distributed(all_ranks_here=clean)
 
 
 if __name__ == "__main__":
