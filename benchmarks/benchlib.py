@@ -8,6 +8,11 @@ Steady-state throughput is then one rule for every side:
 
 with W warm-up steps skipped (start-up, first-iteration allocation, JIT builds), so nothing before the end of
 step W and nothing after step N (final evaluation, saving) is counted.
+
+On a shared machine the wall clock also measures everyone else's load, which can change several-fold within
+a minute. So at every stamped step line the harness also reads the CPU seconds (user + system) consumed so
+far by the side's whole process tree, and reports tokens per CPU-second of the same window beside the
+wall-clock figure: the work each side needs per token, which background load barely moves.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import psutil
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = Path(__file__).resolve().parent
@@ -127,6 +133,7 @@ class Run:
     name: str
     launched_at: float
     step_stamps: dict[int, float] = field(default_factory=dict)
+    step_cpu_seconds: dict[int, float] = field(default_factory=dict)
     returncode: int | None = None
     log_path: Path | None = None
 
@@ -160,12 +167,14 @@ def launch(name: str, script: Path, args: list[str], log_path: Path, ranks: int 
         log.write(" ".join(cmd) + "\n")
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                                 cwd=REPO_ROOT, env=bench_env())
+        tree = psutil.Process(proc.pid)
         for line in proc.stdout:
             now = time.monotonic()
             log.write(f"{now - run.launched_at:9.3f} {line}")
             match = pattern.match(line.strip())
             if match:
                 run.step_stamps[int(match.group(1))] = now
+                run.step_cpu_seconds[int(match.group(1))] = tree_cpu_seconds(tree)
             if now - run.launched_at > timeout_s:
                 proc.kill()
         run.returncode = proc.wait()
@@ -173,6 +182,27 @@ def launch(name: str, script: Path, args: list[str], log_path: Path, ranks: int 
         tail = "".join(log_path.read_text(encoding="utf-8").splitlines(keepends=True)[-30:])
         raise RuntimeError(f"{name} exited {run.returncode}; log {log_path}:\n{tail}")
     return run
+
+
+def tree_cpu_seconds(root: "psutil.Process") -> float:
+    """User + system CPU seconds used so far by ``root`` and every live descendant."""
+    total = 0.0
+    try:
+        procs = [root] + root.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return float("nan")
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def window_cpu_seconds(run: Run, warmup_steps: int, last_step: int) -> float:
+    """CPU seconds the side's process tree used from the end of step ``warmup_steps`` to step ``last_step``."""
+    return run.step_cpu_seconds[last_step] - run.step_cpu_seconds[warmup_steps]
 
 
 def window_seconds(run: Run, warmup_steps: int, last_step: int) -> float:

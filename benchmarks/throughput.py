@@ -42,7 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--peer", choices=("trainer", "bare"), default="trainer")
     p.add_argument("--pairs", type=int, default=3)
     p.add_argument("--warmup-steps", type=int, default=3, help="steps left out of the timed window")
-    p.add_argument("--timed-steps", type=int, default=10)
+    p.add_argument("--timed-steps", type=int, default=25)
     p.add_argument("--micro", type=int, default=1, help="zerotune packed sequences per rank per step")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--work", type=Path, default=bl.BENCH_DIR / ".work")
@@ -91,19 +91,23 @@ def one_pair(args, k: int, model: Path, data_dir: Path, manifest: dict, peer_bat
     row = {"zerotune": side_figures(zt, bl.zerotune_step_tokens(zt_out), w, steps),
            "peer": side_figures(peer, bl.peer_step_tokens(peer_out), w, steps)}
     row["ratio"] = row["zerotune"]["supervised_tokens_per_sec"] / row["peer"]["supervised_tokens_per_sec"]
+    row["cpu_ratio"] = row["zerotune"]["supervised_tokens_per_cpu_sec"] / row["peer"]["supervised_tokens_per_cpu_sec"]
     z, q = row["zerotune"], row["peer"]
     print(f"pair {k}: zerotune {z['supervised_tokens_per_sec']:8.1f} sup tok/s ({z['supervised_tokens']:.0f} tok "
           f"in {z['seconds']:.1f}s) | {args.peer} {q['supervised_tokens_per_sec']:8.1f} sup tok/s "
           f"({q['supervised_tokens']:.0f} tok in {q['seconds']:.1f}s, {100 * q.get('padding_fraction', 0):.0f}% "
-          f"padding) | ratio {row['ratio']:.3f}", flush=True)
+          f"padding) | ratio {row['ratio']:.3f} | per CPU-second: zerotune {z['supervised_tokens_per_cpu_sec']:.1f}, "
+          f"{args.peer} {q['supervised_tokens_per_cpu_sec']:.1f}, ratio {row['cpu_ratio']:.3f}", flush=True)
     return row
 
 
 def side_figures(run: bl.Run, per_step: dict, w: int, steps: int) -> dict:
     secs = bl.window_seconds(run, w, steps)
     sup = bl.window_tokens(per_step, w, steps, "supervised")
+    cpu = bl.window_cpu_seconds(run, w, steps)
     out = {"seconds": secs, "supervised_tokens": sup, "real_tokens": bl.window_tokens(per_step, w, steps, "real"),
-           "supervised_tokens_per_sec": sup / secs, "first_step_after_launch_sec": run.first_step_seconds()}
+           "supervised_tokens_per_sec": sup / secs, "cpu_seconds": cpu, "supervised_tokens_per_cpu_sec": sup / cpu,
+           "first_step_after_launch_sec": run.first_step_seconds()}
     if all("padded" in per_step[s] for s in range(w + 1, steps + 1)):
         out["padding_fraction"] = 1 - out["real_tokens"] / bl.window_tokens(per_step, w, steps, "padded")
     return out
@@ -125,10 +129,12 @@ def main(argv=None) -> int:
     print(f"zerotune supervised tok/s: {bl.fmt_spread(zt, 1)}")
     print(f"{args.peer:8s} supervised tok/s: {bl.fmt_spread(peer, 1)}")
     print(f"ratio zerotune/{args.peer}: {bl.fmt_spread(ratios)}")
+    cpu_ratios = [r["cpu_ratio"] for r in rows]
+    print(f"ratio per CPU-second:     {bl.fmt_spread(cpu_ratios)}")
     bl.write_summary(args.work / "results" / f"throughput-{args.data}-{args.peer}.json",
                      {"data": args.data, "peer": args.peer, "args": {k: str(v) for k, v in vars(args).items()},
                       "peer_batch_documents": peer_batch, "machine": bl.machine(), "pairs": rows,
-                      "ratio": bl.spread(ratios), "zerotune": bl.spread(zt), "peer_rate": bl.spread(peer)})
+                      "ratio": bl.spread(ratios), "cpu_ratio": bl.spread(cpu_ratios), "zerotune": bl.spread(zt), "peer_rate": bl.spread(peer)})
     return 0
 
 
