@@ -10,6 +10,8 @@ Three facts shape this module:
 - Restarting ``position_ids`` does not stop packed documents attending to each other with sdpa, eager or
   flex attention; only an explicit block-diagonal causal mask does (flash-attention's variable-length
   kernels read the boundaries from ``position_ids``). A 4D mask given to transformers is used as given.
+  With sdpa the dense mask still costs the full T x T per row, so packed rows also carry their document
+  bounds and sdpa runs once per document with its causal kernel (the mask stays as the exact fallback).
 - Losses are a token sum and a token count, so the driver can normalise over accumulation and ranks.
 """
 
@@ -194,8 +196,80 @@ def forward_logits(model: nn.Module, batch: dict) -> torch.Tensor:
         mask = document_attention_mask(position_ids, attention_mask)
         if impl != "sdpa":  # eager and flex add the mask to the scores: a boolean one would add 0/1
             mask = _additive(mask, hf_model.dtype)
-    out = model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, use_cache=False)
+    out = model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, use_cache=False,
+                **_bounds_kwargs(impl, mask, position_ids, attention_mask))
     return out.logits
+
+
+def _bounds_kwargs(impl: str, mask, position_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
+    """Document bounds for packed rows under sdpa (see _install_packed_sdpa); empty otherwise."""
+    if impl != "sdpa" or mask is None:
+        return {}
+    bounds = document_bounds(position_ids, attention_mask)
+    if bounds is None:
+        return {}
+    _install_packed_sdpa()
+    return {DOC_BOUNDS_KWARG: bounds}
+
+
+# --------------------------------------------------------------------------- packed sdpa, one document at a time
+
+# Keyword the sdpa wrapper below reads: per row, the [start, end) token ranges to attend within.
+DOC_BOUNDS_KWARG = "zerotune_doc_bounds"
+
+
+def document_bounds(position_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[list[tuple[int, int]]] | None:
+    """Per row, the [start, end) range of each document, then one range for the trailing padding if any.
+
+    None when some row's padding is not all at the end (the collator pads on the right; anything else
+    keeps the dense mask).
+    """
+    pos, real = position_ids.detach().cpu(), attention_mask.detach().cpu().bool()
+    total = pos.shape[1]
+    lengths = real.sum(dim=1).tolist()
+    bounds = []
+    for row, n in enumerate(lengths):
+        if not bool(real[row, :n].all()):
+            return None
+        starts = [0] + [i for i in torch.nonzero(pos[row, :n] == 0).flatten().tolist() if i > 0]
+        ranges = list(zip(starts, starts[1:] + [n]))
+        if n < total:
+            ranges.append((n, total))  # padding attends to padding only; never scored, never attended to
+        bounds.append(ranges)
+    return bounds
+
+
+def _packed_sdpa(original):
+    def packed_sdpa_attention(module, query, key, value, attention_mask, **kwargs):
+        """transformers' sdpa, run once per document with the causal kernel when document bounds are given:
+        attention costs the sum of squared document lengths instead of the square of the row length."""
+        bounds = kwargs.pop(DOC_BOUNDS_KWARG, None)
+        if bounds is None:
+            return original(module, query, key, value, attention_mask, **kwargs)
+        rows = []
+        for b, ranges in enumerate(bounds):
+            parts = [original(module, query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e], None,
+                              **kwargs)[0] for s, e in ranges]
+            rows.append(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])
+        return (torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]), None
+
+    packed_sdpa_attention._zerotune_original = original
+    return packed_sdpa_attention
+
+
+def _install_packed_sdpa() -> None:
+    """Wrap transformers' "sdpa" attention (once per process) so it honours DOC_BOUNDS_KWARG.
+
+    Without the keyword the wrapper calls the original unchanged, so generation, export and other callers see
+    plain sdpa. The dense block-diagonal mask is still passed alongside the bounds: a model whose layers do not
+    forward extra keywords to their attention function stays exact, only slower.
+    """
+    from transformers import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    current = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    if not hasattr(current, "_zerotune_original"):
+        AttentionInterface.register("sdpa", _packed_sdpa(current))
 
 
 def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
