@@ -76,7 +76,7 @@ class Driver:
     def __init__(self, engine, loop, ctx: RunContext, total_steps: int):
         self.engine, self.loop, self.ctx = engine, loop, ctx
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        self.device = next(engine.module.parameters()).device
+        self.device = engine.device  # the compute device (parameters may be offloaded to the CPU)
         t, e = ctx.train, ctx.eval
         pad_id = ctx.tokenizer.pad_token_id if ctx.tokenizer.pad_token_id is not None else 0
         pad_to = ctx.manifest["seq_len"] if t.pad_to == "seq_len" else None
@@ -344,7 +344,8 @@ class Driver:
         if count < 1:
             return
         text = generate_samples(self.engine.module, self.ctx.tokenizer, self.ctx.data_dir, self.ctx.manifest,
-                                count, self.ctx.eval.max_new_tokens, synced=self.zero3_multi_rank())
+                                count, self.ctx.eval.max_new_tokens, synced=self.zero3_multi_rank(),
+                                device=self.device)
         self.ctx.logger.text("samples/validation", text, self.progress.step)
 
     def zero3_multi_rank(self) -> bool:

@@ -104,7 +104,8 @@ class Loop:
 
 
 def _device_batch(model, batch: dict) -> dict:
-    device = next(getattr(model, "module", model).parameters()).device
+    # The engine knows its compute device; parameters may live elsewhere (ZeRO-3 CPU offload).
+    device = getattr(model, "device", None) or next(model.parameters()).device
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 

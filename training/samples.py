@@ -32,10 +32,9 @@ def prompt_ids(sequence: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def generate_samples(model, tokenizer, data_dir: str | Path, manifest: dict, count: int,
-                     max_new_tokens: int, synced: bool) -> str:
+                     max_new_tokens: int, synced: bool, device: torch.device) -> str:
     """Markdown text with ``count`` prompts and their greedy continuations (call on every rank)."""
     seqs = first_sequences(data_dir, manifest, "validation", count)
-    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     parts = []
