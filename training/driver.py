@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from training import checkpoint as ckpt
+from training.config import CheckpointConfig, EvalConfig, TrainConfig
 from training.data import Collator, RankSequences, TrainBatches, eval_batches, first_sequences
 from training.preemption import PREEMPTED_EXIT_CODE, PreemptionFlag
 from training.tb import MetricsLogger, flops_per_token, memory_gb, peak_flops_per_device, perplexity
@@ -56,9 +57,9 @@ class Progress:
 class RunContext:
     """What the driver needs besides the engine and loop: config sections and run identity."""
 
-    train: object
-    eval: object
-    checkpoint: object
+    train: TrainConfig
+    eval: EvalConfig
+    checkpoint: CheckpointConfig
     output_dir: Path
     data_dir: Path
     manifest: dict
@@ -317,7 +318,8 @@ class Driver:
         if p.step % self.ctx.log_every_steps != 0 and p.step != self.total_steps:
             return
         tokens_per_sec = real_tokens / step_time
-        values = {"train/loss": loss, "train/lr": lr, "train/grad_norm": _grad_norm(self.engine, self._pre_step_grad_norm),
+        grad_norm = _grad_norm(self.engine, self._pre_step_grad_norm)
+        values = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
                   "train/tokens_per_sec": tokens_per_sec,
                   "train/supervised_tokens_per_sec": supervised_tokens / step_time,
                   "train/step_time_sec": step_time, "train/data_wait_sec": data_wait,
@@ -359,7 +361,8 @@ class Driver:
                    "final_eval_loss": final_loss,
                    "final_eval_perplexity": perplexity(final_loss) if final_loss is not None else None,
                    "best_eval_loss": p.best_eval_loss, "best_tag": p.best_tag,
-                   "test_loss": test_loss, "test_perplexity": perplexity(test_loss) if test_loss is not None else None,
+                   "test_loss": test_loss,
+                   "test_perplexity": perplexity(test_loss) if test_loss is not None else None,
                    "test_weights_tag": tested_tag}
         path = self.ctx.output_dir / "results.json"
         path.write_text(json.dumps(results, indent=2, allow_nan=True), encoding="utf-8")

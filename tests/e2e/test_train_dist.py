@@ -102,7 +102,8 @@ def launch(deepspeed_bin: str, cfg: dict, extra_pythonpath=(), wait=True, **env_
 
 
 def check(proc, rc: int = 0):
-    assert proc.returncode == rc, f"exit {proc.returncode}, expected {rc}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    assert proc.returncode == rc, \
+        f"exit {proc.returncode}, expected {rc}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return proc
 
 
