@@ -200,6 +200,15 @@ def tree_cpu_seconds(root: "psutil.Process") -> float:
     return total
 
 
+def log_line_seconds(log_path: Path, text: str) -> float:
+    """Seconds after launch at which the first line containing ``text`` arrived (from launch()'s log)."""
+    for line in log_path.read_text(encoding="utf-8").splitlines()[1:]:
+        stamp, _, rest = line.strip().partition(" ")
+        if text in rest:
+            return float(stamp)
+    raise RuntimeError(f"no line containing {text!r} in {log_path}")
+
+
 def window_cpu_seconds(run: Run, warmup_steps: int, last_step: int) -> float:
     """CPU seconds the side's process tree used from the end of step ``warmup_steps`` to step ``last_step``."""
     return run.step_cpu_seconds[last_step] - run.step_cpu_seconds[warmup_steps]
