@@ -47,46 +47,67 @@ def assign_sequences(manifest: dict, split: str, world_size: int) -> list[list[S
 
 
 def _ranges(shards: list[tuple[str, int]], total: int, first: int, count: int) -> list[SequenceRange]:
-    """The ranges covering global indices first .. first + count - 1 (mod total), merged where contiguous."""
+    """The ranges covering global indices first .. first + count - 1 (mod total), in that order."""
     out: list[SequenceRange] = []
-    starts = np.cumsum([0] + [c for _, c in shards])
-    for index in range(first, first + count):
-        g = index % total
-        k = int(np.searchsorted(starts, g, side="right") - 1)
-        name, local = shards[k][0], g - int(starts[k])
-        if out and out[-1][0] == name and out[-1][2] == local:
-            out[-1] = (name, out[-1][1], local + 1)
-        else:
-            out.append((name, local, local + 1))
+    index, end = first, first + count
+    while index < end:
+        lo = index % total
+        span = min(end - index, total - lo)  # up to the end of the split, then wrap around
+        out.extend(_shard_ranges(shards, lo, lo + span))
+        index += span
+    return out
+
+
+def _shard_ranges(shards: list[tuple[str, int]], lo: int, hi: int) -> list[SequenceRange]:
+    """Global indices [lo, hi) as per-shard ranges."""
+    out, shard_start = [], 0
+    for name, count in shards:
+        a, b = max(lo, shard_start), min(hi, shard_start + count)
+        if a < b:
+            out.append((name, a - shard_start, b - shard_start))
+        shard_start += count
     return out
 
 
 @dataclass
 class RankSequences:
-    """The sequences one rank reads from one split, memory-mapped, with an is-repeat flag for each."""
+    """The sequences one rank reads from one split, memory-mapped.
+
+    Local index j is a wrap-around repeat (padding so every rank has as many) when ``j >= first_repeat``.
+    Only the ranges are held in memory, never a per-sequence list.
+    """
 
     data_dir: Path
     split: str
-    items: list[tuple[str, int]]
-    repeats: list[bool]
+    ranges: list[SequenceRange]
+    first_repeat: int
 
     @classmethod
     def open(cls, data_dir: str | Path, manifest: dict, split: str, rank: int, world_size: int) -> "RankSequences":
         ranges = assign_sequences(manifest, split, world_size)[rank]
-        items = [(name, i) for name, lo, hi in ranges for i in range(lo, hi)]
+        per_rank = sum(hi - lo for _, lo, hi in ranges)
         total = sum(int(s["sequences"]) for s in manifest["splits"].get(split, {}).get("shards", []))
-        per_rank = len(items)
-        repeats = [rank * per_rank + j >= total for j in range(per_rank)]
-        return cls(Path(data_dir), split, items, repeats)
+        first_repeat = min(per_rank, max(0, total - rank * per_rank))
+        return cls(Path(data_dir), split, ranges, first_repeat)
 
     def __post_init__(self):
+        self._starts = np.cumsum([0] + [hi - lo for _, lo, hi in self.ranges])
         self._shards: dict[str, Shard] = {}
 
     def __len__(self) -> int:
-        return len(self.items)
+        return int(self._starts[-1])
+
+    def is_repeat(self, j: int) -> bool:
+        return j >= self.first_repeat
+
+    def locate(self, j: int) -> tuple[str, int]:
+        """(shard name, sequence index within the shard) of local index j."""
+        k = int(np.searchsorted(self._starts, j, side="right") - 1)
+        name, lo, _ = self.ranges[k]
+        return name, lo + j - int(self._starts[k])
 
     def get(self, j: int) -> dict[str, np.ndarray]:
-        name, i = self.items[j]
+        name, i = self.locate(j)
         shard = self._shards.get(name)
         if shard is None:
             shard = self._shards[name] = Shard.open(self.data_dir, self.split, name)
@@ -175,7 +196,7 @@ def eval_batches(sequences: RankSequences, collator: Collator, micro_batch_size:
         count = min(count, max_batches)
     for b in range(count):
         idx = range(b * micro_batch_size, min(len(sequences), (b + 1) * micro_batch_size))
-        yield collator([sequences.get(j) for j in idx], drop_labels=[sequences.repeats[j] for j in idx])
+        yield collator([sequences.get(j) for j in idx], drop_labels=[sequences.is_repeat(j) for j in idx])
 
 
 def first_sequences(data_dir: str | Path, manifest: dict, split: str, count: int) -> list[dict[str, np.ndarray]]:

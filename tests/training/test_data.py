@@ -69,9 +69,20 @@ class _FakeSequences(RankSequences):
         return _seq([j + 10, j + 20], [-100, j + 20], [0, 1])
 
 
-def _fake(n, repeats=None):
-    return _FakeSequences(data_dir=None, split="train", items=[("s", i) for i in range(n)],
-                          repeats=repeats or [False] * n)
+def _fake(n, first_repeat=None):
+    return _FakeSequences(data_dir=None, split="train", ranges=[("s", 0, n)],
+                          first_repeat=n if first_repeat is None else first_repeat)
+
+
+def test_rank_sequences_locate_and_repeats():
+    m = _manifest([5, 3, 4])
+    last = RankSequences.open("unused", m, "train", rank=4, world_size=5)  # 3 per rank; rank 4 gets 12, 13, 14
+    assert len(last) == 3 and last.first_repeat == 0
+    assert [last.locate(j) for j in range(3)] == [("shard-00000", 0), ("shard-00000", 1), ("shard-00000", 2)]
+    third = RankSequences.open("unused", m, "train", rank=3, world_size=5)  # 9, 10, 11: no repeats
+    assert third.first_repeat == 3 and third.locate(0) == ("shard-00002", 1)
+    both = RankSequences.open("unused", _manifest([5]), "train", rank=1, world_size=2)  # 3, 4, then 0 again
+    assert [both.is_repeat(j) for j in range(3)] == [False, False, True]
 
 
 def test_train_batches_jump_to_a_position_without_replay():
@@ -85,7 +96,7 @@ def test_train_batches_jump_to_a_position_without_replay():
 
 
 def test_eval_batches_give_repeats_no_labels_and_respect_max_batches():
-    seqs = _fake(5, repeats=[False, False, False, True, True])
+    seqs = _fake(5, first_repeat=3)
     batches = list(eval_batches(seqs, Collator(0), micro_batch_size=2, max_batches=None))
     assert [b["input_ids"].shape[0] for b in batches] == [2, 2, 1]
     scored = [int((b["labels"] != -100).sum()) for b in batches]
