@@ -160,7 +160,8 @@ def bench_env() -> dict:
 def launch(name: str, script: Path, args: list[str], log_path: Path, ranks: int = 2,
            pattern: re.Pattern = PEER_STEP, timeout_s: float = 900) -> Run:
     """Run ``deepspeed --num_gpus ranks script args`` to the end, stamping step lines as they arrive."""
-    cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()), str(script), *args]
+    port = free_port()
+    cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(port), str(script), *args]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     run = Run(name=name, launched_at=time.monotonic(), log_path=log_path)
     with open(log_path, "w", encoding="utf-8") as log:
@@ -178,6 +179,7 @@ def launch(name: str, script: Path, args: list[str], log_path: Path, ranks: int 
             if now - run.launched_at > timeout_s:
                 proc.kill()
         run.returncode = proc.wait()
+    remove_shm_buffers(port)
     if run.returncode != 0:
         tail = "".join(log_path.read_text(encoding="utf-8").splitlines(keepends=True)[-30:])
         raise RuntimeError(f"{name} exited {run.returncode}; log {log_path}:\n{tail}")
@@ -212,6 +214,16 @@ def log_line_seconds(log_path: Path, text: str) -> float:
 def window_cpu_seconds(run: Run, warmup_steps: int, last_step: int) -> float:
     """CPU seconds the side's process tree used from the end of step ``warmup_steps`` to step ``last_step``."""
     return run.step_cpu_seconds[last_step] - run.step_cpu_seconds[warmup_steps]
+
+
+def remove_shm_buffers(port: int) -> None:
+    """Delete the shared-memory all-reduce buffers DeepSpeed's CPU comm op left for a finished run.
+
+    The op creates /dev/shm/deepspeed_allreduce_buffer_<n>_<addr>_<port>_<rank> (~69 MB each) and never
+    unlinks them; a run per fresh port would otherwise fill the memory-backed /dev/shm within an hour.
+    """
+    for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+        path.unlink(missing_ok=True)
 
 
 def window_seconds(run: Run, warmup_steps: int, last_step: int) -> float:
