@@ -167,6 +167,19 @@ def close_distributed(all_ranks_here: bool) -> None:
                 dist.barrier()
         finally:
             dist.destroy_process_group()
+            remove_shm_buffer()
+
+
+def remove_shm_buffer() -> None:
+    """Unlink this rank's /dev/shm buffer of DeepSpeed's CPU all-reduce, which DeepSpeed never removes.
+
+    Each run leaves ~69 MB per rank in the memory-backed /dev/shm (named by uid, master address, port and
+    rank); a machine running many short jobs on fresh ports fills its RAM. Other ranks that still have
+    it mapped keep their mapping: unlinking only removes the name.
+    """
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
+            f"{os.environ.get('MASTER_PORT')}_{os.environ.get('LOCAL_RANK')}")
+    Path("/dev/shm", name).unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:

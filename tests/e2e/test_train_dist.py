@@ -91,14 +91,26 @@ def launch(deepspeed_bin: str, cfg: dict, extra_pythonpath=(), wait=True, **env_
     config_path = out.parent / f"{out.name}.yaml"
     config_path.parent.mkdir(parents=True, exist_ok=True)
     config_path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
-    argv = [deepspeed_bin, "--num_gpus", "2", "--master_port", str(_free_port()),
+    port = _free_port()
+    argv = [deepspeed_bin, "--num_gpus", "2", "--master_port", str(port),
             str(REPO_ROOT / "training" / "train.py"), "--config", str(config_path)]
     env = _env(list(extra_pythonpath), **env_extra)
     if not wait:
-        return subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True)
-    return subprocess.run(argv, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                          timeout=LAUNCH_TIMEOUT_S)
+        proc.master_port = port
+        return proc
+    try:
+        return subprocess.run(argv, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                              timeout=LAUNCH_TIMEOUT_S)
+    finally:
+        remove_shm_buffers(port)
+
+
+def remove_shm_buffers(port: int) -> None:
+    """DeepSpeed's CPU all-reduce buffers (~69 MB per rank in /dev/shm) that a killed rank leaves behind."""
+    for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"):
+        path.unlink(missing_ok=True)
 
 
 def check(proc, rc: int = 0):
@@ -378,6 +390,7 @@ def test_sigusr1_saves_and_exits_85(deepspeed_bin, tiny_model_dir, prepared, tmp
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+        remove_shm_buffers(proc.master_port)
     assert proc.returncode == PREEMPTED_EXIT_CODE, stdout[-3000:]
     tag = (out / "checkpoints" / "latest").read_text().strip()
     state = json.loads((out / "checkpoints" / tag / "zerotune_state.json").read_text())
