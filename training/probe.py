@@ -27,7 +27,10 @@ def save_probe(module: torch.nn.Module, input_ids: torch.Tensor, path: str | Pat
     was_training = module.training
     module.eval()
     try:
-        device = next(hf_model.parameters()).device
+        # The engine's compute device, not the first parameter's: with ZeRO-3 parameter offload the
+        # parameters live on the CPU while the forward runs on the accelerator.
+        device = getattr(module, "device", None)
+        device = torch.device(device) if device is not None else next(hf_model.parameters()).device
         with torch.no_grad():
             logits = module(input_ids=input_ids.to(device), use_cache=False).logits
     finally:
