@@ -3,8 +3,9 @@
 Runs as a batched ``datasets.map`` over one source at a time and emits the canonical columns of its
 record type (prompt/response, messages, or text) plus bookkeeping columns that later stages use:
 ``_drop`` (a drop reason, "" to keep), ``_hash`` (content hash for dedup and the split), ``_phash`` (hash
-of the prompt, for cross-split overlap) and ``_pprefix`` (hash of the prompt's first characters, for the
-redundant-context report). Exact deduplication is :func:`first_occurrences` over ``_hash``.
+of the prompt, for cross-split overlap), ``_pprefix`` (hash of the prompt's first characters, for the
+redundant-context report) and ``_nhash`` (hash of the content ignoring case, spacing and punctuation, for
+the near-duplicate report). Exact deduplication is :func:`first_occurrences` over ``_hash``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from .readers import Source, row_label
 PREFIX_CHARS = 200  # prompts sharing their first 200 characters share a context (the redundant-context report)
 _TRAILING_SPACE = re.compile(r"[ \t]+\n")
 _MANY_BLANK_LINES = re.compile(r"\n{3,}")
+_NOT_WORD = re.compile(r"[\W_]+")
 
 
 def normalize_text(text: str) -> str:
@@ -32,6 +34,17 @@ def normalize_text(text: str) -> str:
     text = unicodedata.normalize("NFKC", text).replace("\r\n", "\n").replace("\r", "\n")
     text = _TRAILING_SPACE.sub("\n", text)
     return _MANY_BLANK_LINES.sub("\n\n", text).strip()
+
+
+def loose_key(text: str) -> str:
+    """Text with case, spacing and punctuation removed: rows equal under it are near-duplicates."""
+    return _NOT_WORD.sub(" ", text.casefold()).strip()
+
+
+def _content_texts(kind: str, record: dict) -> list[str]:
+    if kind == "messages":
+        return [m["content"] for m in record["messages"]]
+    return [record[c] for c in canonical_columns(kind)]
 
 
 def hash64(obj) -> int:
@@ -94,7 +107,7 @@ def _is_empty(kind: str, record: dict) -> bool:
 def clean_batch(batch: dict, indices: list[int], *, kind: str, columns: dict, src: Source, src_id: int) -> dict:
     """Clean one batch of raw rows; ``columns`` maps canonical names to (config key, source column)."""
     out = {c: [] for c in canonical_columns(kind)}
-    out.update(_drop=[], _hash=[], _phash=[], _pprefix=[], _src=[], _row=[])
+    out.update(_drop=[], _hash=[], _phash=[], _pprefix=[], _nhash=[], _src=[], _row=[])
     for pos, row_index in enumerate(indices):
         where = row_label(src, row_index)
         record = {}
@@ -110,6 +123,7 @@ def clean_batch(batch: dict, indices: list[int], *, kind: str, columns: dict, sr
         out["_hash"].append(hash64([kind, record]))
         out["_phash"].append(hash64(prompt) if prompt else 0)
         out["_pprefix"].append(hash64(prompt[:PREFIX_CHARS]) if prompt else 0)
+        out["_nhash"].append(hash64([loose_key(t) for t in _content_texts(kind, record)]))
         out["_src"].append(src_id)
         out["_row"].append(row_index)
     return out
@@ -123,7 +137,7 @@ def clean_features(kind: str):
              "messages": List({"role": Value("string"), "content": Value("string")})}
     out = {c: feats[c] for c in canonical_columns(kind)}
     out.update(_drop=Value("string"), _hash=Value("int64"), _phash=Value("int64"), _pprefix=Value("int64"),
-               _src=Value("int32"), _row=Value("int64"))
+               _nhash=Value("int64"), _src=Value("int32"), _row=Value("int64"))
     return Features(out)
 
 

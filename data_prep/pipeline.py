@@ -28,7 +28,7 @@ from .split import SPLIT_IDS, assign_splits, cross_split_overlap
 from .template import Templater, token_features, tokenize_batch
 
 # Bump when a change here changes the output for the same inputs, so old caches are rebuilt.
-PIPELINE_VERSION = 3
+PIPELINE_VERSION = 4
 DROP_REASONS = ("empty_field", "duplicate", "too_long", "no_supervised_tokens")
 # Settings that change how fast prep runs but never what it writes: left out of the cache key.
 NON_OUTPUT_SETTINGS = ("output_dir", "num_proc", "map_batch_size")
@@ -263,7 +263,8 @@ def _build(cfg, tokenizer, tokenizer_path, sources, key_parts, cache_key, work: 
     facts = report_mod.Facts(
         kind=kind, seq_len=cfg.seq_len, raw_lengths=column(tok, "n_tokens_raw"),
         overlap=cross_split_overlap(column(docs, "_phash"), split_kept),
-        prefix_hashes=column(docs, "_pprefix"), params=report_mod.count_params(tokenizer_path))
+        prefix_hashes=column(docs, "_pprefix"), params=report_mod.count_params(tokenizer_path),
+        near_hashes=column(docs, "_nhash")[final])
     report = report_mod.build_report(manifest, facts)
     (work / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
     report_mod.plot_lengths(facts.raw_lengths, cfg.seq_len, work / "lengths.png")

@@ -9,6 +9,8 @@ Warning rules (each is a rough guard against a classic mistake, not a law):
   * duplicate rate above 10% of rows read; any prompt shared across splits (train/test overlap);
     more than 5% of documents truncated or dropped as too long; any row left without a supervised token;
     more than 20% of rows sharing their prompt's first 200 characters with another row (redundant context);
+    any near-duplicate rows (equal to another kept row once case, spacing and punctuation are ignored; exact
+    duplicates are already dropped, these are not);
     an empty validation or test split although its fraction is above 0.
 """
 
@@ -36,6 +38,7 @@ class Facts:
     overlap: dict
     prefix_hashes: np.ndarray
     params: int | None
+    near_hashes: np.ndarray | None = None  # content ignoring case, spacing and punctuation, per kept row
 
 
 def count_params(model_path: str) -> int | None:
@@ -65,6 +68,14 @@ def redundant_context(prefix_hashes: np.ndarray) -> dict:
             "largest_groups": sorted((int(c) for c in counts[counts > 1]), reverse=True)[:5]}
 
 
+def near_duplicates(near_hashes: np.ndarray | None) -> dict:
+    """Kept rows that repeat an earlier kept row once case, spacing and punctuation are ignored."""
+    if near_hashes is None or not len(near_hashes):
+        return {"rows": 0, "share": 0.0}
+    extra = int(len(near_hashes) - len(np.unique(near_hashes)))
+    return {"rows": extra, "share": round(extra / len(near_hashes), 4)}
+
+
 def length_stats(lengths: np.ndarray, seq_len: int) -> dict:
     """Summary of document token lengths (before truncation)."""
     if not len(lengths):
@@ -83,7 +94,7 @@ def _dropped(manifest: dict, reason: str) -> int:
     return sum(s["rows_dropped"][reason] for s in manifest["splits"].values())
 
 
-def warnings_for(manifest: dict, facts: Facts, context: dict) -> list[str]:
+def warnings_for(manifest: dict, facts: Facts, context: dict, near: dict | None = None) -> list[str]:
     """The classic-mistake warnings (rules in this module's docstring)."""
     out: list[str] = []
     train = manifest["splits"]["train"]
@@ -99,6 +110,9 @@ def warnings_for(manifest: dict, facts: Facts, context: dict) -> list[str]:
     dups = _dropped(manifest, "duplicate")
     if rows and dups / rows > MAX_DUPLICATE_SHARE:
         out.append(f"high duplicate rate: {dups:,} of {rows:,} rows ({dups / rows:.0%}) were exact duplicates")
+    if near and near["rows"]:
+        out.append(f"near-duplicates: {near['rows']:,} kept rows equal another row once case, spacing and "
+                   f"punctuation are ignored (not removed: exact deduplication only); review or deduplicate them")
     shared = {k: v for k, v in facts.overlap.items() if v}
     if shared:
         out.append("prompts shared across splits (the same prompt with different responses): "
@@ -125,11 +139,12 @@ def warnings_for(manifest: dict, facts: Facts, context: dict) -> list[str]:
 def build_report(manifest: dict, facts: Facts) -> dict:
     """report.json's content."""
     context = redundant_context(facts.prefix_hashes)
+    near = near_duplicates(facts.near_hashes)
     return {"record_type": facts.kind, "seq_len": facts.seq_len, "model_params": facts.params,
             "document_lengths": length_stats(facts.raw_lengths, facts.seq_len),
-            "cross_split_prompt_overlap": facts.overlap, "redundant_context": context,
+            "cross_split_prompt_overlap": facts.overlap, "redundant_context": context, "near_duplicates": near,
             "splits": {k: {f: v for f, v in s.items() if f != "shards"} for k, s in manifest["splits"].items()},
-            "warnings": warnings_for(manifest, facts, context)}
+            "warnings": warnings_for(manifest, facts, context, near)}
 
 
 def plot_lengths(lengths: np.ndarray, seq_len: int, path: Path) -> None:

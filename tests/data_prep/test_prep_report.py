@@ -45,3 +45,28 @@ def test_classic_mistakes_are_warned(tiny_model_dir, tmp_path, make_cfg, capsys)
     assert "small fine-tuning set" in warnings
     printed = capsys.readouterr().out
     assert "warning: high duplicate rate" in printed and "train" in printed
+
+
+def test_loose_key_ignores_case_spacing_and_punctuation_only():
+    from data_prep.clean import loose_key
+
+    assert loose_key("what is a  P-value? ") == loose_key("What is a p-value?")
+    assert loose_key("What is a p-value?") != loose_key("What is a q-value?")
+
+
+def test_near_duplicates_counts_repeats_beyond_the_first():
+    from data_prep.report import near_duplicates
+
+    assert near_duplicates(np.array([5, 5, 5, 9, 2])) == {"rows": 2, "share": 0.4}
+    assert near_duplicates(np.array([1, 2, 3]))["rows"] == 0
+
+
+def test_bundled_sample_report_names_its_near_duplicate(tiny_model_dir, sample_csv, make_cfg):
+    cfg = make_cfg([str(sample_csv)], prompt_column="question", response_column="answer",
+                   record_type="prompt_response")
+    manifest = prepare(cfg, str(tiny_model_dir))
+    report = json.loads((Path(manifest["settings"]["output_dir"]) / "report.json").read_text())
+    # The sample holds "what is a  P-value? " with the same answer as "What is a p-value?": kept by exact
+    # deduplication (the text differs), named by the report.
+    assert report["near_duplicates"]["rows"] == 1
+    assert any(w.startswith("near-duplicates: 1 kept rows") for w in report["warnings"])
