@@ -1,6 +1,6 @@
 """Figure 6: time from launch to the first optimizer step, resuming at 90% of an epoch against at 0%.
 
-    python benchmarks/resume.py            # 3 pairs
+    python benchmarks/resume.py            # 5 pairs (short runs; start-up noise needs more than 3)
     python benchmarks/resume.py --quick    # 1 pair
 
 A setup run (cached in the work folder) trains zerotune on the figure-1 SFT data with ``--micro`` packed
@@ -27,7 +27,7 @@ import benchlib as bl  # noqa: E402
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--pairs", type=int, default=3)
+    p.add_argument("--pairs", type=int, default=5)
     p.add_argument("--micro", type=int, default=4, help="packed sequences per rank per step (sets the epoch length)")
     p.add_argument("--work", type=Path, default=bl.BENCH_DIR / ".work")
     p.add_argument("--quick", action="store_true", help="1 pair")
