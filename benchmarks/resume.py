@@ -46,7 +46,7 @@ def setup_run(args, model: Path, data_dir: Path, manifest: dict) -> tuple[Path, 
     from training.checkpoint import checkpoint_root, is_complete, tag_for_step
 
     root = checkpoint_root(run)
-    if all(is_complete(root / tag_for_step(s)) for s in (at_0, at_90)):
+    if all(is_complete(root / tag_for_step(s)) and _same_data(root / tag_for_step(s), manifest) for s in (at_0, at_90)):
         return run, at_0, at_90
     bl.fresh_dir(run)
     # Checkpoints every step, keeping the last (at_90 - at_0 + 1): both wanted steps survive pruning.
@@ -60,6 +60,14 @@ def setup_run(args, model: Path, data_dir: Path, manifest: dict) -> tuple[Path, 
     if missing:
         raise RuntimeError(f"setup run left no complete checkpoint for step(s) {missing} in {root}")
     return run, at_0, at_90
+
+
+def _same_data(folder: Path, manifest: dict) -> bool:
+    """Whether a checkpoint was trained on this prepared data (the driver refuses to resume otherwise)."""
+    from training.checkpoint import STATE_FILE
+
+    state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+    return state.get("manifest_cache_key") == manifest.get("cache_key")
 
 
 def resume_once(name: str, setup: Path, step: int, out: Path) -> dict:
