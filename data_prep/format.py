@@ -45,14 +45,19 @@ def shard_files(data_dir: str | Path, split: str, shard_name: str) -> dict[str, 
     return {name: base / f"{shard_name}.{name}.npy" for name in ARRAYS}
 
 
-def shard_checksum(files: dict[str, Path]) -> str:
-    """sha256 over the shard's four .npy files' bytes, in ARRAYS order."""
+def sha256_files(paths: list[Path]) -> str:
+    """sha256 over the given files' bytes in order, read in 1 MiB chunks (files may be large)."""
     h = hashlib.sha256()
-    for name in ARRAYS:
-        with open(files[name], "rb") as fh:
+    for path in paths:
+        with open(path, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()
+
+
+def shard_checksum(files: dict[str, Path]) -> str:
+    """sha256 over the shard's four .npy files' bytes, in ARRAYS order."""
+    return sha256_files([files[name] for name in ARRAYS])
 
 
 @dataclass

@@ -19,7 +19,7 @@ import numpy as np
 from . import report as report_mod
 from .clean import clean_batch, clean_features, first_occurrences
 from .errors import DataError
-from .format import FORMAT_NAME, FORMAT_VERSION, SPLITS, tokenizer_hash
+from .format import FORMAT_NAME, FORMAT_VERSION, SPLITS, sha256_files, tokenizer_hash
 from .outdir import make_work_dir, publish
 from .pack import assign_to_shards, no_packing, pack_best_fit, packing_efficiency
 from .readers import Source, expand_sources, read_source, resolve_record_type, row_label
@@ -74,21 +74,13 @@ def load_tokenizer(path: str):
     return tok
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _sha256_json(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
 def cache_key_parts(cfg, sources: list[Source], tokenizer, tokenizer_path: str) -> dict:
     """Everything the output depends on: input bytes, tokenizer, template and prep settings."""
-    inputs = [{"path": str(p), "bytes": p.stat().st_size, "sha256": _sha256_file(p)}
+    inputs = [{"path": str(p), "bytes": p.stat().st_size, "sha256": sha256_files([p])}
               for src in sources for p in src.files()]
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NON_OUTPUT_SETTINGS}
     chat_template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else \
