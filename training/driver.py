@@ -137,10 +137,13 @@ class Driver:
                 self._pre_step_grad_norm = self._stage0_grad_norm()
             self.engine.step()
             loss_total += loss_sum.detach().double().cpu()
-        (loss_global,) = self._all_sum([float(loss_total)])
         step_time = time.perf_counter() - t0
         self._advance_position()
-        self._log_train(loss_global / max(global_count, 1.0), lr, step_time, data_wait, global_real, global_count)
+        if self._logs_this_step():
+            # A collective, so every rank must agree to run it: the condition depends on the step alone.
+            (loss_global,) = self._all_sum([float(loss_total)])
+            self._log_train(loss_global / max(global_count, 1.0), lr, step_time, data_wait, global_real,
+                            global_count)
 
     def _advance_position(self) -> None:
         p = self.progress
@@ -313,10 +316,12 @@ class Driver:
         length = min([PROBE_TOKENS] + [len(s["input_ids"]) for s in seqs])
         return torch.tensor([list(s["input_ids"][:length]) for s in seqs], dtype=torch.long)
 
+    def _logs_this_step(self) -> bool:
+        step = self.progress.step
+        return step % self.ctx.log_every_steps == 0 or step == self.total_steps
+
     def _log_train(self, loss, lr, step_time, data_wait, real_tokens, supervised_tokens) -> None:
         p = self.progress
-        if p.step % self.ctx.log_every_steps != 0 and p.step != self.total_steps:
-            return
         tokens_per_sec = real_tokens / step_time
         grad_norm = _grad_norm(self.engine, self._pre_step_grad_norm)
         values = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
