@@ -6,6 +6,11 @@ each micro loss as ``loss_sum * world_size / global_count``: DeepSpeed averages 
 ``world_size`` cancels it) and is told not to divide by the accumulation steps (``scale_wrt_gas=False``).
 So the gradient is the mean over every supervised token of the step, however it is split into micro-batches
 and ranks.
+
+One small all-reduce per step carries everything the ranks must agree on: this step's token counts, the
+preemption flag, and the previous step's loss sum and loss/count check. A step's loss is therefore summed
+over ranks (and its train/ scalars written) when the next step starts, or before an evaluation, a checkpoint
+or the end, whichever comes first. On a GPU the step syncs with the host once, there.
 """
 
 from __future__ import annotations
@@ -35,7 +40,12 @@ PROBE_SEQUENCES, PROBE_TOKENS = 2, 64
 
 
 class LossCountMismatch(RuntimeError):
-    """A loop whose compute_loss scored a different number of tokens than its count_tokens promised."""
+    """A loop whose compute_loss scored a different number of tokens than its count_tokens promised.
+
+    Found from the summed check, so every rank raises it at the same step boundary and stops cleanly.
+    """
+
+    user_error = True
 
 
 @dataclass
@@ -92,7 +102,8 @@ class Driver:
         self.preempt = PreemptionFlag()
         self.probe_ids = self._probe_ids()
         self._saved_step = -1
-        self._pre_step_grad_norm: Optional[float] = None
+        self._pre_step_grad_norm: Optional[torch.Tensor] = None
+        self._pending: Optional[_PendingStep] = None
 
     # ------------------------------------------------------------------ the loop
 
@@ -102,7 +113,14 @@ class Driver:
         self._maybe_resume()
         self.engine.train()
         while self.progress.step < self.total_steps and not self.progress.stopped_early:
-            if self.preempt.agreed(self.device):
+            t0 = time.perf_counter()
+            batches = [self.loop.prepare_batch(b) for b in
+                       self.train_data.step_batches(self.progress.epoch, self.progress.step_in_epoch)]
+            data_wait = time.perf_counter() - t0
+            counts = [self.loop.count_tokens(b) for b in batches]
+            real = sum(int(b["attention_mask"].sum()) for b in batches)
+            global_count, global_real, preempted = self._reduce_step_start(float(sum(counts)), float(real))
+            if preempted:
                 # From here on further signals are ignored, also during interpreter shutdown (which would
                 # restore the default, deadly action for a Python handler).
                 self.preempt.ignore_further()
@@ -111,39 +129,67 @@ class Driver:
                 self.ctx.logger.line(f"preempted at step {self.progress.step}: checkpoint saved, "
                                      f"exiting {PREEMPTED_EXIT_CODE}")
                 return PREEMPTED_EXIT_CODE
-            self._train_step()
+            self._train_step(batches, counts, global_count, global_real, t0, data_wait)
             self._after_step()
         self._finish()
         self.preempt.uninstall()
         return 0
 
-    def _train_step(self) -> None:
-        p, t0 = self.progress, time.perf_counter()
-        batches = [self.loop.prepare_batch(b) for b in self.train_data.step_batches(p.epoch, p.step_in_epoch)]
-        data_wait = time.perf_counter() - t0
-        counts = [self.loop.count_tokens(b) for b in batches]
-        real = sum(int(b["attention_mask"].sum()) for b in batches)
-        global_count, global_real = self._all_sum([float(sum(counts)), float(real)])
+    def _train_step(self, batches: list[dict], counts: list[int], global_count: float, global_real: float,
+                    t0: float, data_wait: float) -> None:
+        """Forward, backward and step over the step's micro-batches; leaves the loss pending (see _settle)."""
         scale = self.world_size / max(global_count, 1.0)
         lr = self.engine.get_lr()[0]
-        loss_total = torch.zeros((), dtype=torch.float64)
+        logs = self._logs_step(self.progress.step + 1)
+        loss_total = torch.zeros((), dtype=torch.float64, device=self.device)
+        miscount = torch.zeros((), dtype=torch.float64, device=self.device)
         for k, (batch, count) in enumerate(zip(batches, counts)):
             loss_sum, scored = self.loop.compute_loss(self.engine, batch)
-            if int(scored) != count:
-                raise LossCountMismatch(f"loop {self.loop.name!r}: compute_loss scored {int(scored)} tokens but "
-                                        f"count_tokens said {count}; make count_tokens match compute_loss")
+            # Checked when the sums come back, on every rank at once; no host sync per micro-batch.
+            miscount += (torch.as_tensor(scored, device=self.device).double() - count).abs()
             self.engine.backward(loss_sum * scale, scale_wrt_gas=False)
-            if k == len(batches) - 1:
+            if k == len(batches) - 1 and logs:
                 self._pre_step_grad_norm = self._stage0_grad_norm()
             self.engine.step()
-            loss_total += loss_sum.detach().double().cpu()
-        step_time = time.perf_counter() - t0
+            loss_total += loss_sum.detach().double()
         self._advance_position()
-        if self._logs_this_step():
-            # A collective, so every rank must agree to run it: the condition depends on the step alone.
-            (loss_global,) = self._all_sum([float(loss_total)])
-            self._log_train(loss_global / max(global_count, 1.0), lr, step_time, data_wait, global_real,
-                            global_count)
+        step_time = time.perf_counter() - t0
+        self._pending = _PendingStep(
+            step=self.progress.step, loss_sum=loss_total, miscount=miscount, global_count=global_count,
+            global_real=global_real, lr=lr, step_time=step_time, data_wait=data_wait, logs=logs,
+            grad_norm=_grad_norm_value(self.engine, self._pre_step_grad_norm) if logs else None)
+
+    def _reduce_step_start(self, count: float, real: float) -> tuple[float, float, bool]:
+        """The step's one collective: sums this step's counts and the preemption flag over ranks, and the
+        previous step's pending loss (which it then settles)."""
+        pending = self._pending
+        head = torch.tensor([count, real, 1.0 if self.preempt.requested else 0.0], dtype=torch.float64,
+                            device=self.device)
+        tail = torch.stack([pending.loss_sum, pending.miscount]) if pending else head.new_zeros(2)
+        summed = torch.cat([head, tail])
+        dist.all_reduce(summed)
+        global_count, global_real, flags, loss_global, miscount_global = summed.tolist()
+        self._settle(loss_global, miscount_global)
+        return global_count, global_real, flags > 0
+
+    def _settle_pending(self) -> None:
+        """Sum the last step's loss over ranks now (before an evaluation, a checkpoint or the end)."""
+        if self._pending is None:
+            return
+        loss_global, miscount_global = self._all_sum([self._pending.loss_sum, self._pending.miscount])
+        self._settle(loss_global, miscount_global)
+
+    def _settle(self, loss_global: float, miscount_global: float) -> None:
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        if miscount_global:
+            raise LossCountMismatch(
+                f"loop {self.ctx.train.loop!r}: at step {pending.step} compute_loss scored a different number of "
+                f"tokens than count_tokens said (off by {miscount_global:.0f} over all ranks); make "
+                f"count_tokens match compute_loss")
+        if pending.logs:
+            self._log_train(pending, loss_global / max(pending.global_count, 1.0))
 
     def _advance_position(self) -> None:
         p = self.progress
@@ -157,13 +203,17 @@ class Driver:
         checkpoint is saved once)."""
         p, e, c = self.progress, self.ctx.eval, self.ctx.checkpoint
         final = p.step >= self.total_steps
-        if final or (e.every_steps and p.step % e.every_steps == 0):
+        evaluates = final or bool(e.every_steps and p.step % e.every_steps == 0)
+        saves = final or p.stopped_early or bool(c.every_steps and p.step % c.every_steps == 0)
+        if evaluates or saves:
+            self._settle_pending()  # nothing is evaluated or saved before its loss/count check
+        if evaluates:
             self._evaluate_and_track()
-        if final or p.stopped_early or (c.every_steps and p.step % c.every_steps == 0):
-            if self._saved_step != p.step:
-                self._save()
+        if saves and self._saved_step != p.step:
+            self._save()
 
     def _finish(self) -> None:
+        self._settle_pending()
         p = self.progress
         if p.last_eval_step != p.step:
             self._evaluate_and_track()
@@ -237,7 +287,9 @@ class Driver:
         state = {"step": p.step, "epoch": p.epoch, "data_position": {"epoch": p.epoch,
                  "step_in_epoch": p.step_in_epoch}, "world_size": self.world_size,
                  "config_hash": self.ctx.config_hash, "manifest_cache_key": self.ctx.manifest.get("cache_key"),
-                 "eval_loss": p.last_eval_loss if p.last_eval_step == p.step else None, "progress": asdict(p)}
+                 "eval_loss": p.last_eval_loss if p.last_eval_step == p.step else None, "progress": asdict(p),
+                 "optimizer_param_groups": len(self.engine.optimizer.param_groups),
+                 "weight_decay": self.ctx.train.weight_decay}
         self.engine.save_checkpoint(str(self.root), tag=tag, client_state={"zerotune": state}, save_latest=False)
         ckpt.save_rng_state(folder / f"rng-rank{self.rank}.safetensors")
         if self.probe_ids is not None:
@@ -285,6 +337,13 @@ class Driver:
                 f"{self.root / tag} was saved with {state['world_size']} data-parallel ranks but this run has "
                 f"{self.world_size}; resume with {state['world_size']} ranks, or start a new output_dir "
                 f"(ZeRO's partitioned optimizer state is tied to the world size)")
+        saved_groups, groups = state.get("optimizer_param_groups"), len(self.engine.optimizer.param_groups)
+        if saved_groups is not None and saved_groups != groups:
+            raise ckpt.ResumeError(
+                f"{self.root / tag} holds optimizer state for {saved_groups} parameter group(s) (train.weight_decay "
+                f"{state.get('weight_decay')}) but this run builds {groups} (train.weight_decay "
+                f"{self.ctx.train.weight_decay}): weight decay 0 uses one group, any other value two. Resume with "
+                f"train.weight_decay: {state.get('weight_decay')}, or start a new output_dir")
         if state["manifest_cache_key"] != self.ctx.manifest.get("cache_key"):
             raise ckpt.ResumeError(
                 f"{self.root / tag} was trained on different prepared data (manifest cache_key changed); the "
@@ -295,18 +354,19 @@ class Driver:
 
     # ------------------------------------------------------------------ helpers
 
-    def _all_sum(self, values: list[float]) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+    def _all_sum(self, values: list) -> list[float]:
+        """Sum floats or 0-d tensors over ranks in one all-reduce."""
+        t = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(self.device) for v in values])
         dist.all_reduce(t)
         return t.tolist()
 
-    def _stage0_grad_norm(self) -> Optional[float]:
+    def _stage0_grad_norm(self) -> Optional[torch.Tensor]:
         """Without ZeRO, DeepSpeed clips but does not report the norm; the gradients are already averaged
         over ranks after the boundary backward, so take the (pre-clipping) norm here."""
         if self.ctx.zero_stage != 0:
             return None
         norms = [p.grad.detach().float().norm() for p in self.engine.module.parameters() if p.grad is not None]
-        return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else None
+        return torch.linalg.vector_norm(torch.stack(norms)) if norms else None
 
     def _probe_ids(self) -> Optional[torch.Tensor]:
         seqs = first_sequences(self.ctx.data_dir, self.ctx.manifest, "validation", PROBE_SEQUENCES) or \
@@ -316,23 +376,20 @@ class Driver:
         length = min([PROBE_TOKENS] + [len(s["input_ids"]) for s in seqs])
         return torch.tensor([list(s["input_ids"][:length]) for s in seqs], dtype=torch.long)
 
-    def _logs_this_step(self) -> bool:
-        step = self.progress.step
+    def _logs_step(self, step: int) -> bool:
         return step % self.ctx.log_every_steps == 0 or step == self.total_steps
 
-    def _log_train(self, loss, lr, step_time, data_wait, real_tokens, supervised_tokens) -> None:
-        p = self.progress
-        tokens_per_sec = real_tokens / step_time
-        grad_norm = _grad_norm(self.engine, self._pre_step_grad_norm)
-        values = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
+    def _log_train(self, s: "_PendingStep", loss: float) -> None:
+        tokens_per_sec = s.global_real / s.step_time
+        values = {"train/loss": loss, "train/lr": s.lr, "train/grad_norm": _finite(s.grad_norm),
                   "train/tokens_per_sec": tokens_per_sec,
-                  "train/supervised_tokens_per_sec": supervised_tokens / step_time,
-                  "train/step_time_sec": step_time, "train/data_wait_sec": data_wait,
+                  "train/supervised_tokens_per_sec": s.global_count / s.step_time,
+                  "train/step_time_sec": s.step_time, "train/data_wait_sec": s.data_wait,
                   "train/mfu": self._mfu(tokens_per_sec), "train/memory_gb": memory_gb(),
                   "train/skipped_steps": float(getattr(self.engine, "skipped_steps", 0))}
-        self.ctx.logger.scalars(p.step, values)
-        self.ctx.logger.line(f"step {p.step:>6}/{self.total_steps} | loss {loss:.4f} | lr {lr:.2e} | "
-                             f"{tokens_per_sec:,.0f} tok/s | {step_time:.2f}s")
+        self.ctx.logger.scalars(s.step, values)
+        self.ctx.logger.line(f"step {s.step:>6}/{self.total_steps} | loss {loss:.4f} | lr {s.lr:.2e} | "
+                             f"{tokens_per_sec:,.0f} tok/s | {s.step_time:.2f}s")
 
     def _mfu(self, tokens_per_sec: float) -> Optional[float]:
         """Model FLOPs utilisation on GPU: flops_per_token (6N + 12·L·H·T) x tokens/s / (peak x ranks)."""
@@ -373,11 +430,32 @@ class Driver:
         path.write_text(json.dumps(results, indent=2, allow_nan=True), encoding="utf-8")
 
 
-def _grad_norm(engine, fallback: Optional[float]) -> Optional[float]:
+@dataclass
+class _PendingStep:
+    """A finished step whose loss is not yet summed over ranks, with what its log line needs."""
+
+    step: int
+    loss_sum: torch.Tensor  # this rank's, fp64 on the compute device
+    miscount: torch.Tensor  # this rank's |tokens scored - tokens counted|, fp64 on the compute device
+    global_count: float
+    global_real: float
+    lr: float
+    step_time: float
+    data_wait: float
+    logs: bool
+    grad_norm: object = None  # a float or 0-d tensor, read when the step is logged
+
+
+def _grad_norm_value(engine, fallback: Optional[torch.Tensor]):
+    """The step's gradient norm as DeepSpeed reports it (or ``fallback``), not yet synced to the host."""
     norm = engine.get_global_grad_norm()
     if norm is None:
-        norm = fallback
-    if norm is None:
+        return fallback
+    return norm.detach().clone() if torch.is_tensor(norm) else norm
+
+
+def _finite(value) -> Optional[float]:
+    if value is None:
         return None
-    norm = float(norm)
-    return norm if math.isfinite(norm) else None
+    value = float(value)
+    return value if math.isfinite(value) else None

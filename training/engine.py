@@ -149,7 +149,8 @@ def offloads_optimizer(ds_config: dict) -> bool:
 
 
 def build_optimizer(model: torch.nn.Module, train: TrainConfig, ds_config: dict) -> torch.optim.Optimizer:
-    """AdamW over trainable parameters; no weight decay on biases and norm weights (1-D tensors).
+    """AdamW over trainable parameters; no weight decay on biases and norm weights (1-D tensors), so one
+    parameter group when ``train.weight_decay`` is 0 and two otherwise.
 
     torch's AdamW, except with ZeRO-Offload on a GPU machine: there the optimizer steps on the CPU and
     DeepSpeed's vectorised CPU Adam (in AdamW mode; JIT-built on first use) is many times faster.
@@ -164,6 +165,10 @@ def build_optimizer(model: torch.nn.Module, train: TrainConfig, ds_config: dict)
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    if weight_decay == 0:
+        # Two groups with equal settings would only cost time: ZeRO keeps a flat buffer per group and
+        # gathers, norms and steps each one separately (about 0.6% of a small model's step on CPU).
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": 0.0}]
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:

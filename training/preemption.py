@@ -1,22 +1,21 @@
 """Preemption: SIGUSR1 or SIGTERM asks the run to save a checkpoint and exit with PREEMPTED_EXIT_CODE.
 
-The handler only sets a flag. At the next optimizer-step boundary all ranks agree (all_reduce max of the
-flag), save, and exit 85. A second signal during the save only sets the flag again, so it cannot
-interrupt the save; the atomic ``latest`` pointer protects against anything harder (SIGKILL).
+The handler only sets a flag. At the next optimizer-step boundary all ranks agree (the driver sums the
+flag over ranks in the step's token-count all-reduce), save, and exit 85. A second signal during the save
+only sets the flag again, so it cannot interrupt the save; the atomic ``latest`` pointer protects against
+anything harder (SIGKILL).
 """
 
 from __future__ import annotations
 
 import signal
 
-import torch
-
 from training import PREEMPTED_EXIT_CODE  # noqa: F401  (re-exported: 85, "preempted, checkpoint saved")
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
 class PreemptionFlag:
-    """Set by SIGUSR1/SIGTERM; ``agreed()`` is a collective every rank calls at the same step boundary."""
+    """Set by SIGUSR1/SIGTERM; ``requested`` is read by the driver at each step boundary."""
 
     def __init__(self):
         self.requested = False
@@ -39,10 +38,3 @@ class PreemptionFlag:
 
     def _handle(self, signum, frame) -> None:
         self.requested = True
-
-    def agreed(self, device: torch.device) -> bool:
-        """True on every rank when any rank was signalled (a collective: call it on all ranks)."""
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item() > 0)

@@ -217,6 +217,18 @@ def test_tensorboard_holds_the_documented_tags(reference):
     assert any(t.startswith("config") for t in texts) and any(t.startswith("samples") for t in texts), texts
 
 
+def test_each_step_logged_once_and_before_its_eval(reference):
+    """A step's loss is summed over ranks with the next step's counts; an eval or checkpoint at that step
+    must still see the step's train record first, and the last step must not be lost."""
+    run = reference(2)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    order = [(r["kind"], r["step"]) for r in records]
+    assert [step for kind, step in order if kind == "train"] == list(range(1, STEPS + 1))
+    for step in (HALF, STEPS):
+        assert order.index(("train", step)) < order.index(("eval", step))
+    assert order.index(("eval", HALF)) < order.index(("train", HALF + 1))
+
+
 # --------------------------------------------------------------------------- resume
 
 
@@ -277,6 +289,20 @@ def test_resume_with_another_world_size_is_refused(reference, tmp_path):
     assert "saved with 2 data-parallel ranks but this run has 1" in proc.stderr
 
 
+def test_resume_with_another_param_group_layout_is_refused(deepspeed_bin, reference, tmp_path):
+    """Weight decay 0 trains one optimizer parameter group, any other value two; ZeRO's saved optimizer
+    state cannot be mapped across, so the resume stops with what to do."""
+    run = _copy_until_half(reference(1), tmp_path / "run", latest=f"step-{HALF:08d}")
+    cfg = yaml.safe_load((reference(1).parent / "stage1.yaml").read_text())
+    cfg["output_dir"] = str(run)
+    cfg["train"]["weight_decay"] = 0.1
+    proc = launch(deepspeed_bin, cfg)
+    assert proc.returncode != 0
+    assert "holds optimizer state for 1 parameter group(s) (train.weight_decay 0.0) but this run builds 2" \
+        in proc.stderr + proc.stdout
+    assert train_losses(run) == {}  # refused before any step
+
+
 # --------------------------------------------------------------------------- accumulation, loops, stopping
 
 
@@ -288,9 +314,10 @@ def test_accumulation_4x1_equals_1x4(deepspeed_bin, tiny_model_dir, prepared, tm
     runs = {}
     for micro, accum in ((1, 4), (4, 1)):
         out = tmp_path / f"m{micro}a{accum}"
+        # Weight decay > 0: two optimizer parameter groups (decay, and none for biases and norms).
         cfg = run_config(tiny_model_dir, prepared, out, stage=2,
                          train={"max_steps": 3, "micro_batch_size": micro, "gradient_accumulation_steps": accum,
-                                "loop": "pretrain"},
+                                "loop": "pretrain", "weight_decay": 0.1},
                          eval={"every_steps": None, "sample_generations": 0}, checkpoint={"every_steps": None})
         check(launch(deepspeed_bin, cfg))
         runs[(micro, accum)] = out
@@ -332,6 +359,28 @@ def test_user_loop_by_import_path_and_early_stopping(deepspeed_bin, tiny_model_d
     assert results["stopped_early"] is True and results["steps"] == 6, results
     assert results["best_tag"] == "step-00000002"
     assert "early stopping at step 6" in proc.stdout
+
+
+def test_a_loop_that_miscounts_stops_every_rank_before_saving(deepspeed_bin, tiny_model_dir, prepared, tmp_path):
+    """count_tokens off by one on rank 1 only: the summed check stops both ranks at the next boundary with
+    the same one-line error (no rank left waiting in a collective), before the step-1 checkpoint."""
+    loops_dir = tmp_path / "userpkg"
+    loops_dir.mkdir()
+    (loops_dir / "bad_loops.py").write_text(
+        "import os\nfrom training.loops import SFTLoop\n\n"
+        "class OffByOne(SFTLoop):\n"
+        "    def count_tokens(self, batch):\n"
+        "        return super().count_tokens(batch) + (os.environ['RANK'] == '1')\n")
+    out = tmp_path / "run"
+    cfg = run_config(tiny_model_dir, prepared, out, stage=2, train={"loop": "bad_loops:OffByOne", "max_steps": 4},
+                     eval={"every_steps": None, "sample_generations": 0}, checkpoint={"every_steps": 1})
+    proc = launch(deepspeed_bin, cfg, extra_pythonpath=[str(loops_dir)])
+    assert proc.returncode != 0
+    text = proc.stdout + proc.stderr
+    message = ("error: loop 'bad_loops:OffByOne': at step 1 compute_loss scored a different number of tokens "
+               "than count_tokens said (off by 2 over all ranks)")
+    assert text.count(message) == 2, text[-4000:]  # once per rank
+    assert not list((out / "checkpoints").glob("step-*")), "a checkpoint was saved after the miscounted step"
 
 
 def test_unknown_loop_name_is_one_line_before_any_process_group(tiny_model_dir, prepared, tmp_path):

@@ -73,3 +73,31 @@ def test_lr_schedule_shapes():
     assert math.isclose(lin[0], 1.0) and math.isclose(lin[-1], 0.0)
     assert math.isclose(lin[4] - lin[5], lin[5] - lin[6])
     assert [lr_multiplier(s, 10, 3, "constant", 0.1) for s in (0, 5, 9)] == [1 / 3, 1.0, 1.0]
+
+
+def _small_model():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2, bias=False))
+    model[2].weight.requires_grad_(False)  # frozen: in no group
+    return model
+
+
+def test_no_weight_decay_is_one_param_group():
+    from training.engine import build_optimizer
+
+    model = _small_model()
+    opt = build_optimizer(model, TrainConfig(weight_decay=0.0), {})
+    assert len(opt.param_groups) == 1
+    group = opt.param_groups[0]
+    assert group["weight_decay"] == 0.0
+    assert {id(p) for p in group["params"]} == {id(p) for p in model.parameters() if p.requires_grad}
+
+
+def test_weight_decay_spares_biases_and_norms():
+    from training.engine import build_optimizer
+
+    model = _small_model()
+    opt = build_optimizer(model, TrainConfig(weight_decay=0.1), {})
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert [id(p) for p in decay["params"]] == [id(model[0].weight)]
+    assert {id(p) for p in no_decay["params"]} == {id(model[0].bias), id(model[1].weight), id(model[1].bias)}
