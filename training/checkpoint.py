@@ -96,6 +96,26 @@ def find_resume_tag(root: Path) -> tuple[str | None, list[str]]:
     return chosen, notes
 
 
+# Checkpoints written before zerotune_state.json recorded the optimizer's parameter groups always had two
+# (weight decay, and none for biases and norms).
+LEGACY_PARAM_GROUPS = 2
+
+
+def saved_param_groups(root: Path) -> int | None:
+    """How many optimizer parameter groups the checkpoint a resume would load was saved with (None when
+    there is nothing to resume, or its state file is unreadable: the resume itself then reports it)."""
+    if not root.is_dir():
+        return None
+    tag, _ = find_resume_tag(root)
+    if tag is None:
+        return None
+    try:
+        state = json.loads((root / tag / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return int(state.get("optimizer_param_groups", LEGACY_PARAM_GROUPS))
+
+
 # --------------------------------------------------------------------------- RNG state
 
 

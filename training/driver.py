@@ -337,13 +337,14 @@ class Driver:
                 f"{self.root / tag} was saved with {state['world_size']} data-parallel ranks but this run has "
                 f"{self.world_size}; resume with {state['world_size']} ranks, or start a new output_dir "
                 f"(ZeRO's partitioned optimizer state is tied to the world size)")
-        saved_groups, groups = state.get("optimizer_param_groups"), len(self.engine.optimizer.param_groups)
-        if saved_groups is not None and saved_groups != groups:
+        saved_groups = state.get("optimizer_param_groups", ckpt.LEGACY_PARAM_GROUPS)
+        groups = len(self.engine.optimizer.param_groups)
+        if saved_groups != groups:  # one group saved (weight decay 0), and weight decay is set now
             raise ckpt.ResumeError(
-                f"{self.root / tag} holds optimizer state for {saved_groups} parameter group(s) (train.weight_decay "
-                f"{state.get('weight_decay')}) but this run builds {groups} (train.weight_decay "
-                f"{self.ctx.train.weight_decay}): weight decay 0 uses one group, any other value two. Resume with "
-                f"train.weight_decay: {state.get('weight_decay')}, or start a new output_dir")
+                f"{self.root / tag} holds optimizer state for {saved_groups} parameter group (saved with "
+                f"train.weight_decay {state.get('weight_decay')}) but train.weight_decay "
+                f"{self.ctx.train.weight_decay} needs {groups} (decay, and none for biases and norms); resume "
+                f"with train.weight_decay: {state.get('weight_decay')}, or start a new output_dir")
         if state["manifest_cache_key"] != self.ctx.manifest.get("cache_key"):
             raise ckpt.ResumeError(
                 f"{self.root / tag} was trained on different prepared data (manifest cache_key changed); the "

@@ -148,14 +148,16 @@ def offloads_optimizer(ds_config: dict) -> bool:
     return device in ("cpu", "nvme")
 
 
-def build_optimizer(model: torch.nn.Module, train: TrainConfig, ds_config: dict) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, train: TrainConfig, ds_config: dict,
+                    resume_param_groups: int | None = None) -> torch.optim.Optimizer:
     """AdamW over trainable parameters; no weight decay on biases and norm weights (1-D tensors), so one
-    parameter group when ``train.weight_decay`` is 0 and two otherwise.
+    parameter group when ``train.weight_decay`` is 0 and two otherwise, or two when resuming a checkpoint
+    saved with two (ZeRO's optimizer state is laid out per group).
 
     torch's AdamW, except with ZeRO-Offload on a GPU machine: there the optimizer steps on the CPU and
     DeepSpeed's vectorised CPU Adam (in AdamW mode; JIT-built on first use) is many times faster.
     """
-    groups = _param_groups(model, train.weight_decay)
+    groups = _param_groups(model, train.weight_decay, split=train.weight_decay != 0 or resume_param_groups == 2)
     kwargs = dict(lr=train.lr, betas=(train.adam_beta1, train.adam_beta2), eps=train.adam_eps)
     if offloads_optimizer(ds_config) and torch.cuda.is_available():
         from deepspeed.ops.adam import DeepSpeedCPUAdam
@@ -164,8 +166,8 @@ def build_optimizer(model: torch.nn.Module, train: TrainConfig, ds_config: dict)
     return torch.optim.AdamW(groups, **kwargs)
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    if weight_decay == 0:
+def _param_groups(model: torch.nn.Module, weight_decay: float, split: bool) -> list[dict]:
+    if not split:
         # Two groups with equal settings would only cost time: ZeRO keeps a flat buffer per group and
         # gathers, norms and steps each one separately (about 0.6% of a small model's step on CPU).
         return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": 0.0}]
@@ -187,11 +189,12 @@ def scheduler_factory(train: TrainConfig, total_steps: int) -> Callable[[torch.o
     return factory
 
 
-def build_engine(model: torch.nn.Module, train: TrainConfig, ds_config: dict, total_steps: int):
+def build_engine(model: torch.nn.Module, train: TrainConfig, ds_config: dict, total_steps: int,
+                 resume_param_groups: int | None = None):
     """``deepspeed.initialize`` with our optimizer and schedule; returns the engine."""
     import deepspeed
 
-    optimizer = build_optimizer(model, train, ds_config)
+    optimizer = build_optimizer(model, train, ds_config, resume_param_groups)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                            lr_scheduler=scheduler_factory(train, total_steps))
     return engine

@@ -108,6 +108,7 @@ def build_driver(cfg: RunConfig, manifest: dict, tokenizer):
     import torch.distributed as dist
     import yaml
 
+    from training.checkpoint import checkpoint_root, saved_param_groups
     from training.driver import Driver, RunContext
     from training.engine import build_engine, resolve_ds_config, zero_stage
     from training.loops import get_loop
@@ -127,7 +128,9 @@ def build_driver(cfg: RunConfig, manifest: dict, tokenizer):
                      zero_stage=zero_stage(ds_config), tokenizer=tokenizer, logger=logger, model_shape=shape,
                      log_every_steps=cfg.logging.log_every_steps)
     steps = _total_steps(cfg, manifest, world_size)
-    engine = build_engine(model, cfg.train, ds_config, steps)
+    resume_groups = None if cfg.checkpoint.resume == "never" else \
+        saved_param_groups(checkpoint_root(Path(cfg.output_dir)))
+    engine = build_engine(model, cfg.train, ds_config, steps, resume_groups)
     return Driver(engine, loop, ctx, steps)
 
 

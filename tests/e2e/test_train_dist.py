@@ -290,17 +290,29 @@ def test_resume_with_another_world_size_is_refused(reference, tmp_path):
 
 
 def test_resume_with_another_param_group_layout_is_refused(deepspeed_bin, reference, tmp_path):
-    """Weight decay 0 trains one optimizer parameter group, any other value two; ZeRO's saved optimizer
-    state cannot be mapped across, so the resume stops with what to do."""
+    """Weight decay 0 trains one optimizer parameter group; ZeRO's saved state for it cannot become the two
+    groups weight decay needs, so the resume stops with what to do."""
     run = _copy_until_half(reference(1), tmp_path / "run", latest=f"step-{HALF:08d}")
     cfg = yaml.safe_load((reference(1).parent / "stage1.yaml").read_text())
     cfg["output_dir"] = str(run)
     cfg["train"]["weight_decay"] = 0.1
     proc = launch(deepspeed_bin, cfg)
     assert proc.returncode != 0
-    assert "holds optimizer state for 1 parameter group(s) (train.weight_decay 0.0) but this run builds 2" \
-        in proc.stderr + proc.stdout
+    assert ("holds optimizer state for 1 parameter group (saved with train.weight_decay 0.0) but "
+            "train.weight_decay 0.1 needs 2") in proc.stderr + proc.stdout
     assert train_losses(run) == {}  # refused before any step
+
+
+def test_two_group_checkpoint_resumes_with_weight_decay_0(deepspeed_bin, tiny_model_dir, prepared, tmp_path):
+    """The other direction works: a run saved with weight decay (two groups) continues without it."""
+    out = tmp_path / "run"
+    cfg = run_config(tiny_model_dir, prepared, out, stage=2, train={"max_steps": 2, "weight_decay": 0.1},
+                     eval={"every_steps": None, "sample_generations": 0}, checkpoint={"every_steps": None})
+    check(launch(deepspeed_bin, cfg))
+    cfg["train"].update(max_steps=3, weight_decay=0.0)
+    proc = check(launch(deepspeed_bin, cfg))
+    assert "resumed from step-00000002" in proc.stdout
+    assert sorted(train_losses(out)) == [1, 2, 3]
 
 
 # --------------------------------------------------------------------------- accumulation, loops, stopping

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import numpy as np
@@ -72,3 +73,15 @@ def test_rng_state_round_trip(tmp_path):
     ckpt.load_rng_state(tmp_path / "rng.safetensors")
     got = (torch.rand(3), random.random(), np.random.rand())
     assert torch.equal(expected[0], got[0]) and expected[1:] == got[1:]
+
+
+def test_saved_param_groups_of_the_checkpoint_a_resume_would_load(tmp_path):
+    root = tmp_path / "checkpoints"
+    assert ckpt.saved_param_groups(root) is None  # no run yet
+    _make(root, 2)  # a state file without the field: written before it existed, always two groups
+    assert ckpt.saved_param_groups(root) == ckpt.LEGACY_PARAM_GROUPS == 2
+    folder = root / _make(root, 4)
+    (folder / ckpt.STATE_FILE).write_text(json.dumps({"optimizer_param_groups": 1}))
+    assert ckpt.saved_param_groups(root) == 1  # the newest complete one, as the resume picks
+    _make(root, 6, complete=False)
+    assert ckpt.saved_param_groups(root) == 1

@@ -101,3 +101,12 @@ def test_weight_decay_spares_biases_and_norms():
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert [id(p) for p in decay["params"]] == [id(model[0].weight)]
     assert {id(p) for p in no_decay["params"]} == {id(model[0].bias), id(model[1].weight), id(model[1].bias)}
+
+
+def test_resuming_a_two_group_checkpoint_keeps_two_groups():
+    """ZeRO's saved optimizer state is laid out per group: weight decay 0 still builds two to resume it."""
+    from training.engine import build_optimizer
+
+    opt = build_optimizer(_small_model(), TrainConfig(weight_decay=0.0), {}, resume_param_groups=2)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.0, 0.0]
+    assert len(opt.param_groups[0]["params"]) == 1 and len(opt.param_groups[1]["params"]) == 3
