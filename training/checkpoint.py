@@ -96,14 +96,13 @@ def find_resume_tag(root: Path) -> tuple[str | None, list[str]]:
     return chosen, notes
 
 
-# Checkpoints written before zerotune_state.json recorded the optimizer's parameter groups always had two
-# (weight decay, and none for biases and norms).
-LEGACY_PARAM_GROUPS = 2
+def resume_splits_decay(root: Path) -> bool | None:
+    """Whether the checkpoint a resume would load keeps its optimizer state in two parameter groups
+    (decay, and none for biases and norms) rather than one; None when there is nothing to resume or its
+    state file cannot be read (the resume itself then reports it).
 
-
-def saved_param_groups(root: Path) -> int | None:
-    """How many optimizer parameter groups the checkpoint a resume would load was saved with (None when
-    there is nothing to resume, or its state file is unreadable: the resume itself then reports it)."""
+    Checkpoints written before zerotune_state.json recorded the group count always split.
+    """
     if not root.is_dir():
         return None
     tag, _ = find_resume_tag(root)
@@ -113,21 +112,33 @@ def saved_param_groups(root: Path) -> int | None:
         state = json.loads((root / tag / STATE_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return int(state.get("optimizer_param_groups", LEGACY_PARAM_GROUPS))
+    if not isinstance(state, dict):
+        return None
+    groups = state.get("optimizer_param_groups", "legacy")
+    return groups == "legacy" or groups == 2
 
 
 # --------------------------------------------------------------------------- RNG state
 
 
-def save_rng_state(path: Path) -> None:
-    """This rank's RNG states: torch (CPU and accelerator) as tensors, python and numpy in metadata."""
+def capture_rng_state() -> dict:
+    """This rank's RNG states as they are now (torch CPU and accelerator, python, numpy); cheap (~tens of
+    microseconds), so the driver can take one before anything of a step draws random numbers."""
+    state = {"torch_cpu": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["torch_cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def save_rng_state(path: Path, state: dict | None = None) -> None:
+    """Save ``state`` (from :func:`capture_rng_state`; by default the current one): torch states as
+    tensors, python and numpy in metadata."""
     from safetensors.torch import save_file
 
-    tensors = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        tensors["torch_cuda"] = torch.cuda.get_rng_state()
-    py_version, py_state, py_gauss = random.getstate()
-    np_state = np.random.get_state()
+    state = state or capture_rng_state()
+    tensors = {k: state[k] for k in ("torch_cpu", "torch_cuda") if k in state}
+    py_version, py_state, py_gauss = state["python"]
+    np_state = state["numpy"]
     meta = {"python": json.dumps([py_version, list(py_state), py_gauss]),
             "numpy": json.dumps([np_state[0], np_state[1].tolist(), *[_plain(x) for x in np_state[2:]]])}
     save_file(tensors, str(path), metadata=meta)

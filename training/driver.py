@@ -31,6 +31,7 @@ import torch.distributed as dist
 from training import checkpoint as ckpt
 from training.config import CheckpointConfig, EvalConfig, TrainConfig
 from training.data import Collator, RankSequences, TrainBatches, eval_batches, first_sequences
+from training.engine import reapply_optimizer_settings
 from training.preemption import PREEMPTED_EXIT_CODE, PreemptionFlag
 from training.tb import MetricsLogger, flops_per_token, memory_gb, peak_flops_per_device, perplexity
 
@@ -114,6 +115,9 @@ class Driver:
         self.engine.train()
         while self.progress.step < self.total_steps and not self.progress.stopped_early:
             t0 = time.perf_counter()
+            # A loop's prepare_batch may draw random numbers: a preemption save must hold the RNG states
+            # from before it, or the resumed step would draw differently.
+            rng_before_step = ckpt.capture_rng_state()
             batches = [self.loop.prepare_batch(b) for b in
                        self.train_data.step_batches(self.progress.epoch, self.progress.step_in_epoch)]
             data_wait = time.perf_counter() - t0
@@ -125,7 +129,7 @@ class Driver:
                 # restore the default, deadly action for a Python handler).
                 self.preempt.ignore_further()
                 if self._saved_step != self.progress.step:
-                    self._save()
+                    self._save(rng_state=rng_before_step)
                 self.ctx.logger.line(f"preempted at step {self.progress.step}: checkpoint saved, "
                                      f"exiting {PREEMPTED_EXIT_CODE}")
                 return PREEMPTED_EXIT_CODE
@@ -146,7 +150,7 @@ class Driver:
         for k, (batch, count) in enumerate(zip(batches, counts)):
             loss_sum, scored = self.loop.compute_loss(self.engine, batch)
             # Checked when the sums come back, on every rank at once; no host sync per micro-batch.
-            miscount += (torch.as_tensor(scored, device=self.device).double() - count).abs()
+            miscount += (torch.as_tensor(scored, device=self.device).double().sum() - count).abs()
             self.engine.backward(loss_sum * scale, scale_wrt_gas=False)
             if k == len(batches) - 1 and logs:
                 self._pre_step_grad_norm = self._stage0_grad_norm()
@@ -204,12 +208,12 @@ class Driver:
         p, e, c = self.progress, self.ctx.eval, self.ctx.checkpoint
         final = p.step >= self.total_steps
         evaluates = final or bool(e.every_steps and p.step % e.every_steps == 0)
-        saves = final or p.stopped_early or bool(c.every_steps and p.step % c.every_steps == 0)
-        if evaluates or saves:
+        periodic_save = bool(c.every_steps and p.step % c.every_steps == 0)
+        if evaluates or periodic_save:
             self._settle_pending()  # nothing is evaluated or saved before its loss/count check
         if evaluates:
-            self._evaluate_and_track()
-        if saves and self._saved_step != p.step:
+            self._evaluate_and_track()  # may set stopped_early (after an evaluation: already settled)
+        if (final or p.stopped_early or periodic_save) and self._saved_step != p.step:
             self._save()
 
     def _finish(self) -> None:
@@ -276,8 +280,9 @@ class Driver:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _save(self) -> None:
-        """Save a complete checkpoint for the current step on all ranks (a collective)."""
+    def _save(self, rng_state: Optional[dict] = None) -> None:
+        """Save a complete checkpoint for the current step on all ranks (a collective); ``rng_state`` (from
+        ckpt.capture_rng_state) replaces the current RNG states in it."""
         p = self.progress
         tag = ckpt.tag_for_step(p.step)
         folder = self.root / tag
@@ -291,7 +296,7 @@ class Driver:
                  "optimizer_param_groups": len(self.engine.optimizer.param_groups),
                  "weight_decay": self.ctx.train.weight_decay}
         self.engine.save_checkpoint(str(self.root), tag=tag, client_state={"zerotune": state}, save_latest=False)
-        ckpt.save_rng_state(folder / f"rng-rank{self.rank}.safetensors")
+        ckpt.save_rng_state(folder / f"rng-rank{self.rank}.safetensors", rng_state)
         if self.probe_ids is not None:
             from training.probe import save_probe
 
@@ -326,6 +331,7 @@ class Driver:
         if load_path is None:
             raise ckpt.ResumeError(f"DeepSpeed could not load {self.root / tag}; delete that folder to resume "
                                    f"from an older checkpoint")
+        reapply_optimizer_settings(self.engine.optimizer, self.engine.lr_scheduler, self.ctx.train)
         ckpt.load_rng_state(self.root / tag / f"rng-rank{self.rank}.safetensors")
         self.progress = Progress(**state["progress"])
         self._saved_step = self.progress.step
@@ -337,9 +343,9 @@ class Driver:
                 f"{self.root / tag} was saved with {state['world_size']} data-parallel ranks but this run has "
                 f"{self.world_size}; resume with {state['world_size']} ranks, or start a new output_dir "
                 f"(ZeRO's partitioned optimizer state is tied to the world size)")
-        saved_groups = state.get("optimizer_param_groups", ckpt.LEGACY_PARAM_GROUPS)
+        saved_groups = state.get("optimizer_param_groups")  # absent before it was recorded: built to match
         groups = len(self.engine.optimizer.param_groups)
-        if saved_groups != groups:  # one group saved (weight decay 0), and weight decay is set now
+        if saved_groups is not None and saved_groups != groups:  # one group saved (weight decay 0), and weight decay is set now
             raise ckpt.ResumeError(
                 f"{self.root / tag} holds optimizer state for {saved_groups} parameter group (saved with "
                 f"train.weight_decay {state.get('weight_decay')}) but train.weight_decay "

@@ -149,7 +149,7 @@ def offloads_optimizer(ds_config: dict) -> bool:
 
 
 def build_optimizer(model: torch.nn.Module, train: TrainConfig, ds_config: dict,
-                    resume_param_groups: int | None = None) -> torch.optim.Optimizer:
+                    resume_splits_decay: bool | None = None) -> torch.optim.Optimizer:
     """AdamW over trainable parameters; no weight decay on biases and norm weights (1-D tensors), so one
     parameter group when ``train.weight_decay`` is 0 and two otherwise, or two when resuming a checkpoint
     saved with two (ZeRO's optimizer state is laid out per group).
@@ -157,7 +157,7 @@ def build_optimizer(model: torch.nn.Module, train: TrainConfig, ds_config: dict,
     torch's AdamW, except with ZeRO-Offload on a GPU machine: there the optimizer steps on the CPU and
     DeepSpeed's vectorised CPU Adam (in AdamW mode; JIT-built on first use) is many times faster.
     """
-    groups = _param_groups(model, train.weight_decay, split=train.weight_decay != 0 or resume_param_groups == 2)
+    groups = _param_groups(model, train.weight_decay, split=train.weight_decay != 0 or bool(resume_splits_decay))
     kwargs = dict(lr=train.lr, betas=(train.adam_beta1, train.adam_beta2), eps=train.adam_eps)
     if offloads_optimizer(ds_config) and torch.cuda.is_available():
         from deepspeed.ops.adam import DeepSpeedCPUAdam
@@ -181,6 +181,26 @@ def _param_groups(model: torch.nn.Module, weight_decay: float, split: bool) -> l
     return [g for g in groups if g["params"]]
 
 
+def reapply_optimizer_settings(optimizer, lr_scheduler, train: TrainConfig) -> None:
+    """After a checkpoint load: the run config's AdamW settings and peak LR, not the saved ones.
+
+    Loading an optimizer state (torch's ``load_state_dict``, which DeepSpeed uses) brings back each group's
+    saved hyperparameters, and the scheduler's saved base LR; a changed ``train.weight_decay``,
+    ``adam_beta1/2``, ``adam_eps`` or ``lr`` would otherwise be ignored without a word. Group 0 is the
+    decay group (see _param_groups); a second group holds biases and norms, never decayed.
+    """
+    groups = optimizer.param_groups
+    for k, group in enumerate(groups):
+        group["weight_decay"] = train.weight_decay if k == 0 else 0.0
+        group["betas"] = (train.adam_beta1, train.adam_beta2)
+        group["eps"] = train.adam_eps
+        group["initial_lr"] = train.lr
+    if lr_scheduler is not None:
+        lr_scheduler.base_lrs = [train.lr] * len(groups)
+        for group, factor in zip(groups, lr_scheduler.lr_lambdas):
+            group["lr"] = train.lr * factor(lr_scheduler.last_epoch)
+
+
 def scheduler_factory(train: TrainConfig, total_steps: int) -> Callable[[torch.optim.Optimizer], Any]:
     """A callable DeepSpeed uses to build the LambdaLR on its (possibly ZeRO-wrapped) optimizer."""
     def factory(optimizer):
@@ -190,11 +210,11 @@ def scheduler_factory(train: TrainConfig, total_steps: int) -> Callable[[torch.o
 
 
 def build_engine(model: torch.nn.Module, train: TrainConfig, ds_config: dict, total_steps: int,
-                 resume_param_groups: int | None = None):
+                 resume_splits_decay: bool | None = None):
     """``deepspeed.initialize`` with our optimizer and schedule; returns the engine."""
     import deepspeed
 
-    optimizer = build_optimizer(model, train, ds_config, resume_param_groups)
+    optimizer = build_optimizer(model, train, ds_config, resume_splits_decay)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                            lr_scheduler=scheduler_factory(train, total_steps))
     return engine

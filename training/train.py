@@ -108,7 +108,9 @@ def build_driver(cfg: RunConfig, manifest: dict, tokenizer):
     import torch.distributed as dist
     import yaml
 
-    from training.checkpoint import checkpoint_root, saved_param_groups
+    from transformers import set_seed
+
+    from training.checkpoint import checkpoint_root, resume_splits_decay
     from training.driver import Driver, RunContext
     from training.engine import build_engine, resolve_ds_config, zero_stage
     from training.loops import get_loop
@@ -116,6 +118,10 @@ def build_driver(cfg: RunConfig, manifest: dict, tokenizer):
     from training.tb import MetricsLogger
 
     world_size, rank = dist.get_world_size(), dist.get_rank()
+    # python, numpy and torch (CPU and GPU) RNGs from train.seed, the same on every rank (as Trainer does):
+    # two launches of one config draw the same dropout masks and loop randomness. A resume then replaces
+    # these states with the checkpoint's.
+    set_seed(cfg.train.seed)
     ds_config = resolve_ds_config(cfg.train, cfg.deepspeed, cfg.ds_config_path(), world_size)
     write_run_files(cfg, ds_config, rank)
     loop = get_loop(cfg.train.loop)(tokenizer=tokenizer)
@@ -128,9 +134,8 @@ def build_driver(cfg: RunConfig, manifest: dict, tokenizer):
                      zero_stage=zero_stage(ds_config), tokenizer=tokenizer, logger=logger, model_shape=shape,
                      log_every_steps=cfg.logging.log_every_steps)
     steps = _total_steps(cfg, manifest, world_size)
-    resume_groups = None if cfg.checkpoint.resume == "never" else \
-        saved_param_groups(checkpoint_root(Path(cfg.output_dir)))
-    engine = build_engine(model, cfg.train, ds_config, steps, resume_groups)
+    splits = None if cfg.checkpoint.resume == "never" else resume_splits_decay(checkpoint_root(Path(cfg.output_dir)))
+    engine = build_engine(model, cfg.train, ds_config, steps, splits)
     return Driver(engine, loop, ctx, steps)
 
 

@@ -226,7 +226,6 @@ def test_each_step_logged_once_and_before_its_eval(reference):
     assert [step for kind, step in order if kind == "train"] == list(range(1, STEPS + 1))
     for step in (HALF, STEPS):
         assert order.index(("train", step)) < order.index(("eval", step))
-    assert order.index(("eval", HALF)) < order.index(("train", HALF + 1))
 
 
 # --------------------------------------------------------------------------- resume
@@ -303,16 +302,37 @@ def test_resume_with_another_param_group_layout_is_refused(deepspeed_bin, refere
     assert train_losses(run) == {}  # refused before any step
 
 
-def test_two_group_checkpoint_resumes_with_weight_decay_0(deepspeed_bin, tiny_model_dir, prepared, tmp_path):
-    """The other direction works: a run saved with weight decay (two groups) continues without it."""
+def test_two_group_checkpoint_resumes_with_the_new_optimizer_settings(deepspeed_bin, tiny_model_dir, prepared,
+                                                                      tmp_path):
+    """A run saved with weight decay (two groups) continues without it, and the new weight decay, betas
+    and peak LR are the ones in effect after the resume (loading the optimizer state alone would bring
+    back the saved ones)."""
+    from training.engine import lr_multiplier
+
+    loops_dir, record = tmp_path / "userpkg", tmp_path / "groups.jsonl"
+    loops_dir.mkdir()
+    (loops_dir / "rec_loops.py").write_text(
+        "import json, os\nfrom training.loops import SFTLoop\n\n"
+        "class Recording(SFTLoop):\n"
+        "    def compute_loss(self, model, batch):\n"
+        "        if os.environ['RANK'] == '0':\n"
+        f"            with open({str(record)!r}, 'a') as fh:\n"
+        "                fh.write(json.dumps({'step': model.lr_scheduler.last_epoch + 1, 'groups': [\n"
+        "                    [g['weight_decay'], list(g['betas']), g['lr']] for g in model.optimizer.param_groups]}) + '\\n')\n"
+        "        return super().compute_loss(model, batch)\n")
     out = tmp_path / "run"
-    cfg = run_config(tiny_model_dir, prepared, out, stage=2, train={"max_steps": 2, "weight_decay": 0.1},
+    cfg = run_config(tiny_model_dir, prepared, out, stage=2,
+                     train={"max_steps": 2, "weight_decay": 0.1, "loop": "rec_loops:Recording"},
                      eval={"every_steps": None, "sample_generations": 0}, checkpoint={"every_steps": None})
-    check(launch(deepspeed_bin, cfg))
-    cfg["train"].update(max_steps=3, weight_decay=0.0)
-    proc = check(launch(deepspeed_bin, cfg))
+    check(launch(deepspeed_bin, cfg, extra_pythonpath=[str(loops_dir)]))
+    cfg["train"].update(max_steps=3, weight_decay=0.0, lr=1.0e-3, adam_beta2=0.99)
+    proc = check(launch(deepspeed_bin, cfg, extra_pythonpath=[str(loops_dir)]))
     assert "resumed from step-00000002" in proc.stdout
     assert sorted(train_losses(out)) == [1, 2, 3]
+    seen = {r["step"]: r["groups"] for r in map(json.loads, record.read_text().splitlines())}
+    assert [g[0] for g in seen[1]] == [0.1, 0.0]  # before: decay, and none for biases and norms
+    lr_3 = 1.0e-3 * lr_multiplier(2, 3, cfg["train"]["warmup_steps"], "cosine", 0.1)
+    assert seen[3] == [[0.0, [0.9, 0.99], pytest.approx(lr_3)]] * 2, seen[3]
 
 
 # --------------------------------------------------------------------------- accumulation, loops, stopping
@@ -426,6 +446,24 @@ def _rank_pids(config_path: str) -> dict[int, int]:
     return pids
 
 
+def _signal_after_steps(proc, out: Path, logged_steps: int, send) -> str:
+    """Once the run in ``out`` has logged ``logged_steps`` steps, call ``send`` with its ranks' pids; returns
+    the launch's output when it has ended (killed if it outlives the timeout)."""
+    try:
+        deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+        metrics = out / "metrics.jsonl"
+        while not (metrics.is_file() and metrics.read_text().count("\n") >= logged_steps):
+            assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
+            time.sleep(0.2)
+        send(_rank_pids(str(out.parent / "run.yaml")))
+        stdout, _ = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
+        return stdout
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        remove_shm_buffers(proc.master_port)
+
+
 def test_sigusr1_saves_and_exits_85(deepspeed_bin, tiny_model_dir, prepared, tmp_path):
     from training.preemption import PREEMPTED_EXIT_CODE
 
@@ -433,13 +471,8 @@ def test_sigusr1_saves_and_exits_85(deepspeed_bin, tiny_model_dir, prepared, tmp
     cfg = run_config(tiny_model_dir, prepared, out, stage=2, train={"max_steps": 5000},
                      eval={"every_steps": None, "sample_generations": 0}, checkpoint={"every_steps": None})
     proc = launch(deepspeed_bin, cfg, wait=False)
-    try:
-        deadline = time.monotonic() + LAUNCH_TIMEOUT_S
-        metrics = out / "metrics.jsonl"
-        while not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
-            assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
-            time.sleep(0.5)
-        pids = _rank_pids(str(out.parent / "run.yaml"))
+
+    def send(pids):
         assert set(pids) == {0, 1}, pids
         os.kill(pids[1], signal.SIGUSR1)  # one rank only: the ranks must agree at the step boundary
         time.sleep(0.05)
@@ -447,14 +480,45 @@ def test_sigusr1_saves_and_exits_85(deepspeed_bin, tiny_model_dir, prepared, tmp
         time.sleep(0.3)
         if proc.poll() is None and pids[0] in _rank_pids(str(out.parent / "run.yaml")).values():
             os.kill(pids[0], signal.SIGTERM)  # SIGTERM is handled the same way
-        stdout, _ = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        remove_shm_buffers(proc.master_port)
+    stdout = _signal_after_steps(proc, out, 2, send)
     assert proc.returncode == PREEMPTED_EXIT_CODE, stdout[-3000:]
     tag = (out / "checkpoints" / "latest").read_text().strip()
     state = json.loads((out / "checkpoints" / tag / "zerotune_state.json").read_text())
     assert (out / "checkpoints" / tag / "COMPLETE").is_file()
     assert state["step"] == max(train_losses(out)) and 2 <= state["step"] < 5000
     assert not (out / "results.json").exists()
+
+
+def test_preempted_run_resumes_exactly_when_the_loop_draws_random_numbers(deepspeed_bin, tiny_model_dir,
+                                                                           prepared, tmp_path):
+    """A loop's prepare_batch that draws random numbers (here: drop 30% of the supervised labels) runs
+    before the step's all-reduce that carries the preemption flag; the saved RNG state must be the one from
+    before it, so the resumed run draws what an uninterrupted run draws."""
+    from training.preemption import PREEMPTED_EXIT_CODE
+
+    loops_dir = tmp_path / "userpkg"
+    loops_dir.mkdir()
+    (loops_dir / "drop_loops.py").write_text(
+        "import torch\nfrom training.loops import SFTLoop\n\n"
+        "class LabelDrop(SFTLoop):\n"
+        "    def prepare_batch(self, batch):\n"
+        "        labels = batch['labels'].clone()\n"
+        "        labels[torch.rand(labels.shape) < 0.3] = -100\n"
+        "        return {**batch, 'labels': labels}\n")
+    common = dict(eval={"every_steps": None, "sample_generations": 0}, checkpoint={"every_steps": None})
+    train = {"loop": "drop_loops:LabelDrop", "lr_schedule": "constant", "warmup_steps": 0}
+    out = tmp_path / "run"
+    cfg = run_config(tiny_model_dir, prepared, out, stage=1, train={**train, "max_steps": 5000}, **common)
+    proc = launch(deepspeed_bin, cfg, extra_pythonpath=[str(loops_dir)], wait=False)
+    stdout = _signal_after_steps(proc, out, 3, lambda pids: os.kill(pids[0], signal.SIGUSR1))
+    assert proc.returncode == PREEMPTED_EXIT_CODE, stdout[-3000:]
+    stopped = max(train_losses(out))
+    cfg["train"]["max_steps"] = stopped + 2
+    check(launch(deepspeed_bin, cfg, extra_pythonpath=[str(loops_dir)]))
+    straight = tmp_path / "straight"
+    check(launch(deepspeed_bin, run_config(tiny_model_dir, prepared, straight, stage=1,
+                                           train={**train, "max_steps": stopped + 2}, **common),
+                 extra_pythonpath=[str(loops_dir)]))
+    resumed, reference_losses = train_losses(out), train_losses(straight)
+    for step in range(1, stopped + 3):
+        assert resumed[step] == reference_losses[step], f"step {step} (preempted after {stopped})"

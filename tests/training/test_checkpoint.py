@@ -75,13 +75,28 @@ def test_rng_state_round_trip(tmp_path):
     assert torch.equal(expected[0], got[0]) and expected[1:] == got[1:]
 
 
-def test_saved_param_groups_of_the_checkpoint_a_resume_would_load(tmp_path):
+def test_resume_splits_decay_reads_the_checkpoint_a_resume_would_load(tmp_path):
     root = tmp_path / "checkpoints"
-    assert ckpt.saved_param_groups(root) is None  # no run yet
-    _make(root, 2)  # a state file without the field: written before it existed, always two groups
-    assert ckpt.saved_param_groups(root) == ckpt.LEGACY_PARAM_GROUPS == 2
-    folder = root / _make(root, 4)
-    (folder / ckpt.STATE_FILE).write_text(json.dumps({"optimizer_param_groups": 1}))
-    assert ckpt.saved_param_groups(root) == 1  # the newest complete one, as the resume picks
+    assert ckpt.resume_splits_decay(root) is None  # no run yet
+    tag2 = _make(root, 2)  # a state file without the field: written before it existed, always split
+    assert ckpt.resume_splits_decay(root) is True
+    tag4 = _make(root, 4)
+    (root / tag4 / ckpt.STATE_FILE).write_text(json.dumps({"optimizer_param_groups": 1}))
+    assert ckpt.resume_splits_decay(root) is False  # the newest complete one, as the resume picks
     _make(root, 6, complete=False)
-    assert ckpt.saved_param_groups(root) == 1
+    assert ckpt.resume_splits_decay(root) is False
+    ckpt.write_pointer(root, "latest", tag2)
+    assert ckpt.resume_splits_decay(root) is True  # latest names the older one: that is what loads
+    (root / tag2 / ckpt.STATE_FILE).write_text("[]")
+    assert ckpt.resume_splits_decay(root) is None  # unreadable: the resume itself reports it
+
+
+def test_rng_state_captured_earlier_is_what_gets_saved(tmp_path):
+    random.seed(1)
+    np.random.seed(1)
+    torch.manual_seed(1)
+    before = ckpt.capture_rng_state()
+    expected = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    ckpt.save_rng_state(tmp_path / "rng.safetensors", before)  # the draws above are not in it
+    ckpt.load_rng_state(tmp_path / "rng.safetensors")
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected

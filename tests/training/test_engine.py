@@ -107,6 +107,35 @@ def test_resuming_a_two_group_checkpoint_keeps_two_groups():
     """ZeRO's saved optimizer state is laid out per group: weight decay 0 still builds two to resume it."""
     from training.engine import build_optimizer
 
-    opt = build_optimizer(_small_model(), TrainConfig(weight_decay=0.0), {}, resume_param_groups=2)
+    opt = build_optimizer(_small_model(), TrainConfig(weight_decay=0.0), {}, resume_splits_decay=True)
     assert [g["weight_decay"] for g in opt.param_groups] == [0.0, 0.0]
     assert len(opt.param_groups[0]["params"]) == 1 and len(opt.param_groups[1]["params"]) == 3
+
+
+def test_settings_changed_since_the_checkpoint_apply_after_loading_it():
+    """load_state_dict brings back the saved groups' hyperparameters and the scheduler's base LR; the run
+    config's must win, as the resume's "continuing with the new one" says."""
+    from training.engine import build_optimizer, lr_multiplier, reapply_optimizer_settings, scheduler_factory
+
+    old = TrainConfig(weight_decay=0.1, lr=3e-3, adam_beta2=0.95, adam_eps=1e-8, warmup_steps=2)
+    model = _small_model()
+    opt = build_optimizer(model, old, {})
+    sched = scheduler_factory(old, 10)(opt)
+    for _ in range(3):
+        opt.step()
+        sched.step()
+    saved_opt, saved_sched = opt.state_dict(), sched.state_dict()
+
+    new = TrainConfig(weight_decay=0.0, lr=1e-3, adam_beta2=0.99, adam_eps=1e-6, warmup_steps=2)
+    opt = build_optimizer(model, new, {}, resume_splits_decay=True)
+    sched = scheduler_factory(new, 10)(opt)
+    opt.load_state_dict(saved_opt)
+    sched.load_state_dict(saved_sched)
+    assert opt.param_groups[0]["weight_decay"] == 0.1  # what loading alone leaves
+    reapply_optimizer_settings(opt, sched, new)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.0, 0.0]
+    assert all(g["betas"] == (0.9, 0.99) and g["eps"] == 1e-6 for g in opt.param_groups)
+    expected_lr = 1e-3 * lr_multiplier(3, 10, 2, "cosine", new.min_lr_ratio)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([expected_lr] * 2)
+    sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 * lr_multiplier(4, 10, 2, "cosine", new.min_lr_ratio))
