@@ -20,6 +20,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script by the deepspeed launcher: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from training import remove_allreduce_buffers  # noqa: E402
 from training.config import ConfigError, RunConfig, load_config, save_config  # noqa: E402
 from training.data import DataError  # noqa: E402
 
@@ -175,19 +176,9 @@ def close_distributed(all_ranks_here: bool) -> None:
                 dist.barrier()
         finally:
             dist.destroy_process_group()
-            remove_shm_buffer()
-
-
-def remove_shm_buffer() -> None:
-    """Unlink this rank's /dev/shm buffer of DeepSpeed's CPU all-reduce, which DeepSpeed never removes.
-
-    Each run leaves ~69 MB per rank in the memory-backed /dev/shm (named by uid, master address, port and
-    rank); a machine running many short jobs on fresh ports fills its RAM. Other ranks that still have
-    it mapped keep their mapping: unlinking only removes the name.
-    """
-    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
-            f"{os.environ.get('MASTER_PORT')}_{os.environ.get('LOCAL_RANK')}")
-    Path("/dev/shm", name).unlink(missing_ok=True)
+            # This rank's own buffer only: other ranks may still be using theirs.
+            remove_allreduce_buffers(os.environ.get("MASTER_PORT"), os.environ.get("MASTER_ADDR"),
+                                     os.environ.get("LOCAL_RANK"))
 
 
 def main(argv: list[str] | None = None) -> int:

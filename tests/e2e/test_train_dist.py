@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from training import remove_allreduce_buffers
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SAMPLE_CSV = REPO_ROOT / "examples" / "data" / "data_science_questions.csv"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -104,13 +106,7 @@ def launch(deepspeed_bin: str, cfg: dict, extra_pythonpath=(), wait=True, **env_
         return subprocess.run(argv, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                               timeout=LAUNCH_TIMEOUT_S)
     finally:
-        remove_shm_buffers(port)
-
-
-def remove_shm_buffers(port: int) -> None:
-    """DeepSpeed's CPU all-reduce buffers (~69 MB per rank in /dev/shm) that a killed rank leaves behind."""
-    for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"):
-        path.unlink(missing_ok=True)
+        remove_allreduce_buffers(port)
 
 
 def check(proc, rc: int = 0):
@@ -461,7 +457,7 @@ def _signal_after_steps(proc, out: Path, logged_steps: int, send) -> str:
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-        remove_shm_buffers(proc.master_port)
+        remove_allreduce_buffers(proc.master_port)
 
 
 def test_sigusr1_saves_and_exits_85(deepspeed_bin, tiny_model_dir, prepared, tmp_path):
