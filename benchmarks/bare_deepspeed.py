@@ -16,27 +16,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import REPO_ROOT  # noqa: E402
+from benchlib import peer_arg_parser  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True)
-    p.add_argument("--data", required=True, help="a zerotune prep output folder of full fixed-length sequences")
-    p.add_argument("--out", required=True)
+    p = peer_arg_parser(__doc__.splitlines()[0], "a zerotune prep output folder of full fixed-length sequences")
     p.add_argument("--micro", type=int, default=1, help="sequences per rank per optimizer step")
-    p.add_argument("--max-steps", type=int, required=True)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--warmup-steps", type=int, default=5)
-    p.add_argument("--min-lr-ratio", type=float, default=0.1)
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--ds-config", default=str(REPO_ROOT / "ds_configs" / "zero2.json"))
-    p.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
     return p.parse_args(argv)
 
 

@@ -41,6 +41,7 @@ SAMPLE_CSV = REPO_ROOT / "examples" / "data" / "data_science_questions.csv"
 TRAIN_SCRIPT = REPO_ROOT / "training" / "train.py"
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
+from training import remove_allreduce_buffers  # noqa: E402  (light: no torch)
 
 # zerotune's rank-0 line after each optimizer step: "step      5/20 | loss ...".
 ZEROTUNE_STEP = re.compile(r"^step\s+(\d+)/(\d+) \| loss")
@@ -179,7 +180,7 @@ def launch(name: str, script: Path, args: list[str], log_path: Path, ranks: int 
             if now - run.launched_at > timeout_s:
                 proc.kill()
         run.returncode = proc.wait()
-    remove_shm_buffers(port)
+    remove_allreduce_buffers(port)  # DeepSpeed leaves ~69 MB per rank in /dev/shm
     if run.returncode != 0:
         tail = "".join(log_path.read_text(encoding="utf-8").splitlines(keepends=True)[-30:])
         raise RuntimeError(f"{name} exited {run.returncode}; log {log_path}:\n{tail}")
@@ -214,16 +215,6 @@ def log_line_seconds(log_path: Path, text: str) -> float:
 def window_cpu_seconds(run: Run, warmup_steps: int, last_step: int) -> float:
     """CPU seconds the side's process tree used from the end of step ``warmup_steps`` to step ``last_step``."""
     return run.step_cpu_seconds[last_step] - run.step_cpu_seconds[warmup_steps]
-
-
-def remove_shm_buffers(port: int) -> None:
-    """Delete the shared-memory all-reduce buffers DeepSpeed's CPU comm op left for a finished run.
-
-    The op creates /dev/shm/deepspeed_allreduce_buffer_<n>_<addr>_<port>_<rank> (~69 MB each) and never
-    unlinks them; a run per fresh port would otherwise fill the memory-backed /dev/shm within an hour.
-    """
-    for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
-        path.unlink(missing_ok=True)
 
 
 def window_seconds(run: Run, warmup_steps: int, last_step: int) -> float:
@@ -289,8 +280,29 @@ def machine() -> str:
     return f"{os.cpu_count()}-core CPU ({cpu}), {gpu}, torch {torch.__version__}"
 
 
-def write_summary(path: Path, summary: dict) -> None:
+def peer_arg_parser(description: str, data_help: str) -> "argparse.ArgumentParser":
+    """The options both peers take (model, data, run length, optimizer schedule, DeepSpeed JSON, the
+    launcher's --local_rank); each peer adds its batch options."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True, help=data_help)
+    p.add_argument("--out", required=True)
+    p.add_argument("--max-steps", type=int, required=True)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--warmup-steps", type=int, default=5)
+    p.add_argument("--min-lr-ratio", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--ds-config", default=str(REPO_ROOT / "ds_configs" / "zero2.json"))
+    p.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
+    return p
+
+
+def write_summary(path: Path, args, summary: dict) -> None:
+    """Write a figure's JSON summary, headed by the script's arguments and the machine."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    summary = {"args": {k: str(v) for k, v in vars(args).items()}, "machine": machine(), **summary}
     path.write_text(json.dumps(summary, indent=2), encoding="utf-8")
     print(f"summary written to {path}")
 

@@ -118,9 +118,8 @@ def main(argv=None) -> int:
     print(f"trainer  val loss: {bl.fmt_spread([r['trainer']['validation_loss'] for r in rows], 4)}")
     print(f"loss ratio zerotune/trainer: {bl.fmt_spread(ratios, 4)}")
     print(f"supervised-token ratio zerotune/trainer: {bl.fmt_spread([r['token_ratio'] for r in rows], 4)}")
-    bl.write_summary(args.work / "results" / "quality.json",
-                     {"args": {k: str(v) for k, v in vars(args).items()}, "machine": bl.machine(),
-                      "peer_batch_documents": peer_batch, "pairs": rows, "loss_ratio": bl.spread(ratios)})
+    bl.write_summary(args.work / "results" / "quality.json", args,
+                     {"peer_batch_documents": peer_batch, "pairs": rows, "loss_ratio": bl.spread(ratios)})
     return 0
 
 

@@ -121,9 +121,8 @@ def main(argv=None) -> int:
     print(f"at 90%: {bl.fmt_spread([r['at_90pct']['first_step_sec'] for r in rows], 2)} s")
     print(f"ratio 90%/0%: {bl.fmt_spread(ratios)}")
     print(f"ratio of CPU seconds to the first step: {bl.fmt_spread([r['cpu_ratio'] for r in rows])}")
-    bl.write_summary(args.work / "results" / "resume.json",
-                     {"args": {k: str(v) for k, v in vars(args).items()}, "machine": bl.machine(),
-                      "steps": {"at_0pct": at_0, "at_90pct": at_90}, "pairs": rows, "ratio": bl.spread(ratios)})
+    bl.write_summary(args.work / "results" / "resume.json", args,
+                     {"steps": {"at_0pct": at_0, "at_90pct": at_90}, "pairs": rows, "ratio": bl.spread(ratios)})
     return 0
 
 

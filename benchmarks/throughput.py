@@ -131,10 +131,10 @@ def main(argv=None) -> int:
     print(f"ratio zerotune/{args.peer}: {bl.fmt_spread(ratios)}")
     cpu_ratios = [r["cpu_ratio"] for r in rows]
     print(f"ratio per CPU-second:     {bl.fmt_spread(cpu_ratios)}")
-    bl.write_summary(args.work / "results" / f"throughput-{args.data}-{args.peer}.json",
-                     {"data": args.data, "peer": args.peer, "args": {k: str(v) for k, v in vars(args).items()},
-                      "peer_batch_documents": peer_batch, "machine": bl.machine(), "pairs": rows,
-                      "ratio": bl.spread(ratios), "cpu_ratio": bl.spread(cpu_ratios), "zerotune": bl.spread(zt), "peer_rate": bl.spread(peer)})
+    bl.write_summary(args.work / "results" / f"throughput-{args.data}-{args.peer}.json", args,
+                     {"data": args.data, "peer": args.peer, "peer_batch_documents": peer_batch, "pairs": rows,
+                      "ratio": bl.spread(ratios), "cpu_ratio": bl.spread(cpu_ratios), "zerotune": bl.spread(zt),
+                      "peer_rate": bl.spread(peer)})
     return 0
 
 
