@@ -103,7 +103,6 @@ class Driver:
         self.preempt = PreemptionFlag()
         self.probe_ids = self._probe_ids()
         self._saved_step = -1
-        self._pre_step_grad_norm: Optional[torch.Tensor] = None
         self._pending: Optional[_PendingStep] = None
 
     # ------------------------------------------------------------------ the loop
@@ -147,13 +146,14 @@ class Driver:
         logs = self._logs_step(self.progress.step + 1)
         loss_total = torch.zeros((), dtype=torch.float64, device=self.device)
         miscount = torch.zeros((), dtype=torch.float64, device=self.device)
+        stage0_norm = None
         for k, (batch, count) in enumerate(zip(batches, counts)):
             loss_sum, scored = self.loop.compute_loss(self.engine, batch)
             # Checked when the sums come back, on every rank at once; no host sync per micro-batch.
             miscount += (torch.as_tensor(scored, device=self.device).double().sum() - count).abs()
             self.engine.backward(loss_sum * scale, scale_wrt_gas=False)
             if k == len(batches) - 1 and logs:
-                self._pre_step_grad_norm = self._stage0_grad_norm()
+                stage0_norm = self._stage0_grad_norm()
             self.engine.step()
             loss_total += loss_sum.detach().double()
         self._advance_position()
@@ -161,7 +161,7 @@ class Driver:
         self._pending = _PendingStep(
             step=self.progress.step, loss_sum=loss_total, miscount=miscount, global_count=global_count,
             global_real=global_real, lr=lr, step_time=step_time, data_wait=data_wait, logs=logs,
-            grad_norm=_grad_norm_value(self.engine, self._pre_step_grad_norm) if logs else None)
+            grad_norm=_grad_norm_value(self.engine, stage0_norm) if logs else None)
 
     def _reduce_step_start(self, count: float, real: float) -> tuple[float, float, bool]:
         """The step's one collective: sums this step's counts and the preemption flag over ranks, and the

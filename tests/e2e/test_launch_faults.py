@@ -59,6 +59,15 @@ def _complete_checkpoints(run_dir: Path) -> list[str]:
     return sorted(p.name for p in (run_dir / "checkpoints").glob("step-*") if p.is_dir())
 
 
+def _wait_for_step(proc, run_dir: Path, step: int, log: Path) -> None:
+    """Until ``run_dir`` has logged ``step``; the launch must still be running."""
+    deadline = time.monotonic() + 300
+    while max(train_losses(run_dir), default=0) < step:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, f"the run never reached step {step}"
+        time.sleep(0.3)
+
+
 def test_killed_rank_fails_the_job_and_the_next_launch_resumes(write_run, tmp_path):
     run_yaml = write_run(tmp_path, train={"max_steps": MAX_STEPS}, deepspeed={"config": "zero3.json",
                                                                                "timeout_minutes": 1})
@@ -67,11 +76,7 @@ def test_killed_rank_fails_the_job_and_the_next_launch_resumes(write_run, tmp_pa
     hostfile.write_text("localhost slots=2\n")
     proc = _launch(run_yaml, hostfile, tmp_path / "first.log")
     try:
-        deadline = time.monotonic() + 300
-        while max(train_losses(run_dir), default=0) < 5:
-            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "the run never reached step 5"
-            time.sleep(0.3)
+        _wait_for_step(proc, run_dir, 5, tmp_path / "first.log")
         ranks = _ranks(proc)
         assert len(ranks) == 2, [r.cmdline() for r in ranks]
         ranks[1].send_signal(signal.SIGKILL)
@@ -110,11 +115,7 @@ def test_sigusr1_to_launch_checkpoints_and_exits_85(write_run, tmp_path):
     hostfile.write_text("localhost slots=2\n")
     proc = _launch(run_yaml, hostfile, tmp_path / "launch.log")
     try:
-        deadline = time.monotonic() + 300
-        while max(train_losses(run_dir), default=0) < 3:
-            assert proc.poll() is None, (tmp_path / "launch.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "the run never reached step 3"
-            time.sleep(0.3)
+        _wait_for_step(proc, run_dir, 3, tmp_path / "launch.log")
         ranks = _ranks(proc)
         proc.send_signal(signal.SIGUSR1)
         rc = proc.wait(timeout=END_WITHIN_S)
