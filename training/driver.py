@@ -167,12 +167,12 @@ class Driver:
         """The step's one collective: sums this step's counts and the preemption flag over ranks, and the
         previous step's pending loss (which it then settles)."""
         pending = self._pending
-        head = torch.tensor([count, real, 1.0 if self.preempt.requested else 0.0], dtype=torch.float64,
-                            device=self.device)
-        tail = torch.stack([pending.loss_sum, pending.miscount]) if pending else head.new_zeros(2)
-        summed = torch.cat([head, tail])
-        dist.all_reduce(summed)
-        global_count, global_real, flags, loss_global, miscount_global = summed.tolist()
+        flag = 1.0 if self.preempt.requested else 0.0
+        if pending:
+            sums = self._all_sum([count, real, flag], [pending.loss_sum, pending.miscount])
+        else:
+            sums = self._all_sum([count, real, flag, 0.0, 0.0])
+        global_count, global_real, flags, loss_global, miscount_global = sums
         self._settle(loss_global, miscount_global)
         return global_count, global_real, flags > 0
 
@@ -180,7 +180,7 @@ class Driver:
         """Sum the last step's loss over ranks now (before an evaluation, a checkpoint or the end)."""
         if self._pending is None:
             return
-        loss_global, miscount_global = self._all_sum([self._pending.loss_sum, self._pending.miscount])
+        loss_global, miscount_global = self._all_sum([], [self._pending.loss_sum, self._pending.miscount])
         self._settle(loss_global, miscount_global)
 
     def _settle(self, loss_global: float, miscount_global: float) -> None:
@@ -361,9 +361,12 @@ class Driver:
 
     # ------------------------------------------------------------------ helpers
 
-    def _all_sum(self, values: list) -> list[float]:
-        """Sum floats or 0-d tensors over ranks in one all-reduce."""
-        t = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(self.device) for v in values])
+    def _all_sum(self, values: list[float], device_values: list[torch.Tensor] = ()) -> list[float]:
+        """Sum ``values`` (host floats), then ``device_values`` (0-d tensors on the compute device, not
+        synced first), over ranks in one all-reduce; one host sync, when the sums come back."""
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if device_values:
+            t = torch.cat([t, torch.stack([v.double() for v in device_values])])
         dist.all_reduce(t)
         return t.tolist()
 

@@ -135,8 +135,8 @@ def build_driver(cfg: RunConfig, manifest: dict, tokenizer):
                      zero_stage=zero_stage(ds_config), tokenizer=tokenizer, logger=logger, model_shape=shape,
                      log_every_steps=cfg.logging.log_every_steps)
     steps = _total_steps(cfg, manifest, world_size)
-    splits = None if cfg.checkpoint.resume == "never" else resume_splits_decay(checkpoint_root(Path(cfg.output_dir)))
-    engine = build_engine(model, cfg.train, ds_config, steps, splits)
+    # (checkpoint.resume: never has no checkpoint to find: check_resume_setting refused such a run dir.)
+    engine = build_engine(model, cfg.train, ds_config, steps, resume_splits_decay(checkpoint_root(cfg.output_dir)))
     return Driver(engine, loop, ctx, steps)
 
 
