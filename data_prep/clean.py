@@ -1,8 +1,10 @@
-"""Stage 1, cleaning: unicode/whitespace normalisation, type checks, empty-field drops, content hashes.
+"""Stage 1, cleaning: text kept as written (NFC, unified line endings), records of every shape made canonical,
+bad rows and empty fields marked, content hashes.
 
-Runs as a batched ``datasets.map`` over one source at a time and emits the canonical columns of its
-record type (prompt/response, messages, or text) plus bookkeeping columns that later stages use:
-``_drop`` (a drop reason, "" to keep), ``_hash`` (content hash for dedup and the split), ``_phash`` (hash
+Runs as a batched ``datasets.map`` over one source at a time and emits the canonical columns (records.py:
+messages, tools, text) plus bookkeeping columns that later stages use: ``_drop`` (a drop reason, "" to
+keep), ``_why`` (for a bad row, its reason and detail), ``_hash`` (hash of the content under
+:func:`dedup_key`, for dedup and the split: the stored text is never changed by that key), ``_phash`` (hash
 of the prompt, for cross-split overlap), ``_pprefix`` (hash of the prompt's first characters, for the
 redundant-context report) and ``_nhash`` (hash of the content ignoring case, spacing and punctuation, for
 the near-duplicate report). Exact deduplication is :func:`first_occurrences` over ``_hash``.
@@ -17,34 +19,71 @@ import unicodedata
 
 import numpy as np
 
-from .errors import DataError
-from .readers import Source, row_label
+from .readers import Source
+from .records import BadRow, Columns, to_record
 
 PREFIX_CHARS = 200  # prompts sharing their first 200 characters share a context (the redundant-context report)
 _TRAILING_SPACE = re.compile(r"[ \t]+\n")
 _MANY_BLANK_LINES = re.compile(r"\n{3,}")
 _NOT_WORD = re.compile(r"[\W_]+")
+BAD_ROW_EXAMPLES = 5  # bad rows named (file:line) in the report, per source
 
 
 def normalize_text(text: str) -> str:
-    """NFKC, unified newlines, no trailing spaces on a line, at most one blank line in a row, stripped ends.
+    """Text kept as written: Unicode NFC (canonical composition, never compatibility folding) and unified
+    line endings; nothing else changes."""
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return text if text.isascii() else unicodedata.normalize("NFC", text)
 
-    Leading indentation and single spaces are kept on purpose: answers often hold code.
-    """
-    text = unicodedata.normalize("NFKC", text).replace("\r\n", "\n").replace("\r", "\n")
-    text = _TRAILING_SPACE.sub("\n", text)
-    return _MANY_BLANK_LINES.sub("\n\n", text).strip()
+
+def strip_whitespace(text: str) -> str:
+    """Opt-in cleaning (data.strip_whitespace): no trailing spaces on a line, no blank ends; indentation kept."""
+    return _TRAILING_SPACE.sub("\n", text).strip()
+
+
+def collapse_blank_lines(text: str) -> str:
+    """Opt-in cleaning (data.collapse_blank_lines): at most one blank line in a row."""
+    return _MANY_BLANK_LINES.sub("\n\n", text)
+
+
+def cleaning_steps(cfg) -> list[str]:
+    """The opt-in cleaning steps a DataConfig turns on, in the order they run (named in the report)."""
+    return [name for name in ("strip_whitespace", "collapse_blank_lines") if getattr(cfg, name)]
+
+
+class Normalizer:
+    """normalize_text followed by the opt-in steps (picklable, for datasets' worker processes)."""
+
+    def __init__(self, steps: list[str]):
+        self.steps = [{"strip_whitespace": strip_whitespace, "collapse_blank_lines": collapse_blank_lines}[s]
+                      for s in steps]
+
+    def __call__(self, text: str) -> str:
+        text = normalize_text(text)
+        for step in self.steps:
+            text = step(text)
+        return text
+
+
+def dedup_key(text: str) -> str:
+    """The key exact deduplication compares (the stored text is never changed by it): compatibility
+    folding (NFKC), no trailing spaces, at most one blank line, stripped ends."""
+    text = unicodedata.normalize("NFKC", text) if not text.isascii() else text
+    return collapse_blank_lines(strip_whitespace(text))
 
 
 def loose_key(text: str) -> str:
-    """Text with case, spacing and punctuation removed: rows equal under it are near-duplicates."""
+    """Text with compatibility forms folded and case, spacing and punctuation removed: rows equal under it
+    are near-duplicates."""
+    text = unicodedata.normalize("NFKC", text) if not text.isascii() else text
     return _NOT_WORD.sub(" ", text.casefold()).strip()
 
 
-def _content_texts(kind: str, record: dict) -> list[str]:
-    if kind == "messages":
-        return [m["content"] for m in record["messages"]]
-    return [record[c] for c in canonical_columns(kind)]
+def _content_texts(record: dict) -> list[str]:
+    if not record["messages"]:
+        return [record["text"]]
+    return [m["content"] + m["tool_calls"] for m in record["messages"]]
 
 
 def hash64(obj) -> int:
@@ -53,92 +92,73 @@ def hash64(obj) -> int:
     return int.from_bytes(digest[:8], "little", signed=True)
 
 
-def canonical_columns(kind: str) -> list[str]:
-    """The content columns of a record type after cleaning."""
-    return {"prompt_response": ["prompt", "response"], "messages": ["messages"], "text": ["text"]}[kind]
+CANONICAL_COLUMNS = ["messages", "tools", "text"]
 
 
-def _text_field(value, key: str, column: str, where: str) -> str:
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise DataError(f"{where}: {key} {column!r} holds a {type(value).__name__} ({str(value)[:40]!r}) where "
-                        f"text is expected; quote the value or fix the column")
-    return normalize_text(value)
+def prompt_of(record: dict) -> str:
+    """The context a record's answer is conditioned on ("" for text): the turns before the first assistant turn."""
+    parts = []
+    for msg in record["messages"]:
+        if msg["role"] == "assistant":
+            break
+        parts.append(f"{msg['role']}: {msg['content']}")
+    return "\n".join(parts)
 
 
-def _messages_field(value, column: str, where: str) -> list[dict]:
-    hint = (f"data.messages_column {column!r} must be a list of {{\"role\": ..., \"content\": ...}} objects with "
-            f"text values")
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise DataError(f"{where}: {hint}, got a {type(value).__name__}")
-    out = []
-    for turn_index, msg in enumerate(value):
-        if not isinstance(msg, dict) or not isinstance(msg.get("role"), str) or "content" not in msg or \
-                not isinstance(msg.get("content"), (str, type(None))):
-            raise DataError(f"{where}: message {turn_index} is {str(msg)[:60]!r}; {hint}")
-        out.append({"role": msg["role"].strip(), "content": normalize_text(msg["content"] or "")})
-    return out
+def _is_empty(record: dict) -> bool:
+    if not record["messages"]:
+        return not record["text"].strip()
+    return any(not m["content"].strip() and not m["tool_calls"] for m in record["messages"])
 
 
-def prompt_of(kind: str, record: dict) -> str:
-    """The context a record's answer is conditioned on ("" for text): its prompt, or the turns before the
-    first assistant turn."""
-    if kind == "prompt_response":
-        return record["prompt"]
-    if kind == "messages":
-        parts = []
-        for msg in record["messages"]:
-            if msg["role"] == "assistant":
-                break
-            parts.append(f"{msg['role']}: {msg['content']}")
-        return "\n".join(parts)
-    return ""
+def _dedup_hash(record: dict) -> int:
+    if not record["messages"]:
+        return hash64(["text", dedup_key(record["text"])])
+    return hash64([[m["role"], dedup_key(m["content"]), m["tool_calls"], m["train"]] for m in record["messages"]]
+                  + [record["tools"]])
 
 
-def _is_empty(kind: str, record: dict) -> bool:
-    if kind == "messages":
-        return not record["messages"] or any(not m["content"] or not m["role"] for m in record["messages"])
-    return any(not record[c] for c in canonical_columns(kind))
+def _empty_record() -> dict:
+    return {"messages": [], "tools": "", "text": ""}
 
 
-def clean_batch(batch: dict, indices: list[int], *, kind: str, columns: dict, src: Source, src_id: int) -> dict:
-    """Clean one batch of raw rows; ``columns`` maps canonical names to (config key, source column)."""
-    out = {c: [] for c in canonical_columns(kind)}
-    out.update(_drop=[], _hash=[], _phash=[], _pprefix=[], _nhash=[], _src=[], _row=[])
+def clean_batch(batch: dict, indices: list[int], *, columns: Columns, src: Source, src_id: int,
+                normalize: Normalizer) -> dict:
+    """Clean one batch of raw rows of one source into canonical records plus bookkeeping columns."""
+    out = {c: [] for c in CANONICAL_COLUMNS}
+    out.update(_drop=[], _why=[], _hash=[], _phash=[], _pprefix=[], _nhash=[], _src=[], _row=[])
     for pos, row_index in enumerate(indices):
-        where = row_label(src, row_index)
-        record = {}
-        for name, (key, column) in columns.items():
-            value = batch[column][pos]
-            record[name] = _messages_field(value, column, where) if name == "messages" else \
-                _text_field(value, key, column, where)
-        prompt = prompt_of(kind, record)
-        for name in out:
-            if not name.startswith("_"):
-                out[name].append(record[name])
-        out["_drop"].append("empty_field" if _is_empty(kind, record) else "")
-        out["_hash"].append(hash64([kind, record]))
+        row = {column: batch[column][pos] for _, column in columns.names.values() if column in batch}
+        try:
+            record, drop, why = to_record(row, columns, normalize), "", ""
+        except BadRow as bad:
+            record, drop, why = _empty_record(), "bad_row", f"{bad.reason}: {bad.detail}"
+        if not drop and _is_empty(record):
+            drop = "empty_field"
+        prompt = prompt_of(record)
+        for name in CANONICAL_COLUMNS:
+            out[name].append(record[name])
+        out["_drop"].append(drop)
+        out["_why"].append(why)
+        out["_hash"].append(_dedup_hash(record))
         out["_phash"].append(hash64(prompt) if prompt else 0)
         out["_pprefix"].append(hash64(prompt[:PREFIX_CHARS]) if prompt else 0)
-        out["_nhash"].append(hash64([loose_key(t) for t in _content_texts(kind, record)]))
+        out["_nhash"].append(hash64([loose_key(t) for t in _content_texts(record)]))
         out["_src"].append(src_id)
         out["_row"].append(row_index)
     return out
 
 
-def clean_features(kind: str):
-    """Arrow features of the cleaned columns (fixed, so sources of different origins concatenate)."""
+def clean_features():
+    """Arrow features of the cleaned columns (fixed, so sources of different shapes concatenate)."""
     from datasets import Features, List, Value
 
-    feats = {"prompt": Value("string"), "response": Value("string"), "text": Value("string"),
-             "messages": List({"role": Value("string"), "content": Value("string")})}
-    out = {c: feats[c] for c in canonical_columns(kind)}
-    out.update(_drop=Value("string"), _hash=Value("int64"), _phash=Value("int64"), _pprefix=Value("int64"),
-               _nhash=Value("int64"), _src=Value("int32"), _row=Value("int64"))
-    return Features(out)
+    turn = {"role": Value("string"), "content": Value("string"), "tool_calls": Value("string"),
+            "name": Value("string"), "tool_call_id": Value("string"), "train": Value("bool")}
+    return Features({"messages": List(turn), "tools": Value("string"), "text": Value("string"),
+                     "_drop": Value("string"), "_why": Value("string"), "_hash": Value("int64"),
+                     "_phash": Value("int64"), "_pprefix": Value("int64"), "_nhash": Value("int64"),
+                     "_src": Value("int32"), "_row": Value("int64")})
 
 
 def first_occurrences(hashes: np.ndarray) -> np.ndarray:

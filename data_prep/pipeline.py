@@ -17,19 +17,20 @@ from pathlib import Path
 import numpy as np
 
 from . import report as report_mod
-from .clean import clean_batch, clean_features, first_occurrences
+from .clean import BAD_ROW_EXAMPLES, Normalizer, clean_batch, clean_features, cleaning_steps, first_occurrences
 from .errors import DataError
 from .format import FORMAT_NAME, FORMAT_VERSION, SPLITS, sha256_files, tokenizer_hash
 from .outdir import make_work_dir, publish
 from .pack import assign_to_shards, no_packing, pack_best_fit, packing_efficiency
-from .readers import Source, expand_sources, read_source, resolve_record_type, row_label
+from .readers import Source, expand_sources, read_source, resolve_columns, row_label, source_settings
+from .records import EXPECTED_SHAPE
 from .shards import write_shard
 from .split import SPLIT_IDS, assign_splits, cross_split_overlap
-from .template import Templater, token_features, tokenize_batch
+from .template import Templater, resolve_chat_template, token_features, tokenize_batch
 
 # Bump when a change here changes the output for the same inputs, so old caches are rebuilt.
-PIPELINE_VERSION = 4
-DROP_REASONS = ("empty_field", "duplicate", "too_long", "no_supervised_tokens")
+PIPELINE_VERSION = 5
+DROP_REASONS = ("bad_row", "empty_field", "duplicate", "too_long", "no_supervised_tokens")
 # Settings that change how fast prep runs but never what it writes: left out of the cache key.
 NON_OUTPUT_SETTINGS = ("output_dir", "num_proc", "map_batch_size")
 
@@ -83,7 +84,8 @@ def cache_key_parts(cfg, sources: list[Source], tokenizer, tokenizer_path: str) 
     inputs = [{"path": str(p), "bytes": p.stat().st_size, "sha256": sha256_files([p])}
               for src in sources for p in src.files()]
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NON_OUTPUT_SETTINGS}
-    chat_template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else \
+    chat_template = resolve_chat_template(tokenizer, cfg.chat_template)[0] if cfg.chat_template else \
+        tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else \
         json.dumps(tokenizer.chat_template, sort_keys=True)
     return {
         "pipeline_version": PIPELINE_VERSION, "format_version": FORMAT_VERSION, "inputs": inputs,
@@ -120,34 +122,36 @@ def _map_kwargs(cfg, cache: Path, stage: str, fingerprint: str) -> dict:
             "cache_file_name": str(cache / f"{stage}.arrow"), "new_fingerprint": f"{stage}-{fingerprint}"}
 
 
-def read_and_clean(cfg, sources: list[Source], cache: Path, fingerprint: str, on_kind=None):
-    """Read every source and clean it into the canonical columns; returns (dataset, record type).
+def read_and_clean(cfg, sources: list[Source], cache: Path, fingerprint: str, on_kinds=None):
+    """Read every source and clean it into canonical records; returns (dataset, record type per source).
 
-    ``on_kind(kind)`` is called once the record type is known, before any row is cleaned, so checks that
-    need only the settings (template, seq_len) fail before the long stages.
+    ``on_kinds(kinds)`` is called once every source's record type is known, before any row is cleaned, so
+    checks that need only the settings (template, seq_len) fail before the long stages.
     """
     import datasets
 
-    cleaned, kinds = [], []
-    for src_id, src in enumerate(sources):
+    raws, columns = [], []
+    for src in sources:
         raw = read_source(src, cache / "read", cfg.num_proc)
-        kind = resolve_record_type(raw.column_names, cfg, src)
-        kinds.append(kind)
-        if src_id == 0 and on_kind:
-            on_kind(kind)
-        if kind != kinds[0]:
-            raise DataError(f"{src.path} holds {kind} records but {sources[0].path} holds {kinds[0]}; every source "
-                            f"must have one record shape: set data.record_type or split the run")
-        names = {"prompt_response": {"prompt": ("data.prompt_column", cfg.prompt_column),
-                                     "response": ("data.response_column", cfg.response_column)},
-                 "messages": {"messages": ("data.messages_column", cfg.messages_column)},
-                 "text": {"text": ("data.text_column", cfg.text_column)}}[kind]
-        cleaned.append(raw.map(
-            clean_batch, with_indices=True, remove_columns=raw.column_names, features=clean_features(kind),
-            fn_kwargs={"kind": kind, "columns": names, "src": src, "src_id": src_id},
-            desc=f"clean {src.path.name}", **_map_kwargs(cfg, cache, f"clean-{src_id}", fingerprint)))
+        raws.append(raw)
+        columns.append(resolve_columns(raw, source_settings(cfg, src.entry), src))
+    if on_kinds:
+        on_kinds([c.kind for c in columns])
+    normalize = Normalizer(cleaning_steps(cfg))
+    cleaned = []
+    for src_id, (src, raw, cols) in enumerate(zip(sources, raws, columns)):
+        ds = raw.map(clean_batch, with_indices=True, remove_columns=raw.column_names, features=clean_features(),
+                     fn_kwargs={"columns": cols, "src": src, "src_id": src_id, "normalize": normalize},
+                     desc=f"clean {src.path.name}", **_map_kwargs(cfg, cache, f"clean-{src_id}", fingerprint))
+        if equals(ds, "_drop", "bad_row").all():
+            first = ds.select([0])[0]
+            raise DataError(f"{src.path}: every row is unusable as {cols.kind} records (first: "
+                            f"{row_label(src, first['_row'])}: {first['_why']}); expected "
+                            f"{EXPECTED_SHAPE[cols.kind]}; set record_type and the column names for this source "
+                            f"(data.sources[{src.entry}]) or fix the file")
+        cleaned.append(ds)
     ds = cleaned[0] if len(cleaned) == 1 else datasets.concatenate_datasets(cleaned)
-    return ds, kinds[0]
+    return ds, [c.kind for c in columns]
 
 
 def equals(ds, name: str, value: str) -> np.ndarray:
@@ -179,22 +183,22 @@ def _empty_data_error(drops: dict, rows_read: dict) -> DataError:
 
 def _drop_clean_rows(ds, split_ids: np.ndarray, drops: dict) -> np.ndarray:
     """Row indices that survive empty-field and duplicate drops (counted into ``drops`` per split)."""
-    empty = equals(ds, "_drop", "empty_field")
+    bad, empty = equals(ds, "_drop", "bad_row"), equals(ds, "_drop", "empty_field")
     hashes = column(ds, "_hash")
-    nonempty = np.flatnonzero(~empty)
+    nonempty = np.flatnonzero(~empty & ~bad)
     duplicate = np.zeros(len(hashes), dtype=bool)
     duplicate[nonempty] = ~first_occurrences(hashes[nonempty])
-    for name, n in _count_by_split(split_ids, empty).items():
-        drops[name]["empty_field"] = n
-    for name, n in _count_by_split(split_ids, duplicate).items():
-        drops[name]["duplicate"] = n
-    return np.flatnonzero(~empty & ~duplicate)
+    for reason, mask in (("bad_row", bad), ("empty_field", empty), ("duplicate", duplicate)):
+        for name, n in _count_by_split(split_ids, mask).items():
+            drops[name][reason] = n
+    return np.flatnonzero(~bad & ~empty & ~duplicate)
 
 
-def make_templater(cfg, tokenizer, kind: str) -> Templater:
-    """The templater for ``kind``; a DataError when the template cannot work (no chat template, seq_len too small)."""
-    templater = Templater(tokenizer, cfg, kind)
-    overhead = templater.overhead_tokens()
+def make_templater(cfg, tokenizer, kinds: list[str]) -> Templater:
+    """The templater for sources of ``kinds``; a DataError when the template cannot work (no chat template,
+    seq_len too small)."""
+    templater = Templater(tokenizer, cfg, set(kinds))
+    overhead = templater.overhead_tokens(set(kinds))
     if overhead >= cfg.seq_len:
         raise DataError(f"data.seq_len {cfg.seq_len} is too small: the template's own tokens (and EOS) take "
                         f"{overhead}, leaving no room for data; raise data.seq_len well above {overhead}")
@@ -227,8 +231,8 @@ def _write_split(cfg, tok, work: Path, split: str, doc_idx: np.ndarray, lengths:
 def _build(cfg, tokenizer, tokenizer_path, sources, key_parts, cache_key, work: Path) -> tuple[dict, dict]:
     cache = work / "_cache"
     templaters: list[Templater] = []
-    ds, kind = read_and_clean(cfg, sources, cache, cache_key[:16],
-                              on_kind=lambda k: templaters.append(make_templater(cfg, tokenizer, k)))
+    ds, kinds = read_and_clean(cfg, sources, cache, cache_key[:16],
+                               on_kinds=lambda k: templaters.append(make_templater(cfg, tokenizer, k)))
     split_ids = assign_splits(column(ds, "_hash"), cfg.validation_fraction, cfg.test_fraction)
     rows_read = _count_by_split(split_ids, np.ones(len(split_ids), dtype=bool))
     drops = {name: dict.fromkeys(DROP_REASONS, 0) for name in SPLITS}
@@ -251,21 +255,44 @@ def _build(cfg, tokenizer, tokenizer_path, sources, key_parts, cache_key, work: 
         info = _write_split(cfg, tok, work, name, doc_idx, lengths)
         splits[name] = {"rows_read": rows_read[name], "rows_dropped": drops[name],
                         "truncated_documents": int(truncated[doc_idx].sum()), **info}
-    manifest = _manifest(cfg, key_parts, cache_key, splits, kind)
+    kind = kinds[0] if len(set(kinds)) == 1 else "mixed"
+    manifest = _manifest(cfg, key_parts, cache_key, splits, kind, sources, kinds)
     facts = report_mod.Facts(
         kind=kind, seq_len=cfg.seq_len, raw_lengths=column(tok, "n_tokens_raw"),
         overlap=cross_split_overlap(column(docs, "_phash"), split_kept),
         prefix_hashes=column(docs, "_pprefix"), params=report_mod.count_params(tokenizer_path),
-        near_hashes=column(docs, "_nhash")[final])
+        near_hashes=column(docs, "_nhash")[final], cleaning_steps=cleaning_steps(cfg),
+        special_text_rows=int(column(tok, "special_text").sum()),
+        sources=_source_counts(ds, column(docs, "_src")[final], sources, kinds))
     report = report_mod.build_report(manifest, facts)
-    (work / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    (work / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
     report_mod.plot_lengths(facts.raw_lengths, cfg.seq_len, work / "lengths.png")
     # The manifest goes last: a folder is complete only when it has one.
     (work / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
     return manifest, report
 
 
-def _manifest(cfg, key_parts: dict, cache_key: str, splits: dict, kind: str) -> dict:
+def _source_counts(ds, final_src: np.ndarray, sources: list[Source], kinds: list[str]) -> list[dict]:
+    """Per source: its record type, rows read, documents kept, and its bad rows by reason with the first
+    few named by file and line."""
+    src_all, bad = column(ds, "_src"), equals(ds, "_drop", "bad_row")
+    bad_rows = ds.select(np.flatnonzero(bad)).select_columns(["_src", "_row", "_why"]).to_list() if bad.any() else []
+    out = []
+    for src_id, (src, kind) in enumerate(zip(sources, kinds)):
+        mine = [r for r in bad_rows if r["_src"] == src_id]
+        reasons: dict[str, int] = {}
+        for r in mine:
+            reason = r["_why"].split(":", 1)[0]
+            reasons[reason] = reasons.get(reason, 0) + 1
+        out.append({"path": str(src.path), "record_type": kind, "rows_read": int((src_all == src_id).sum()),
+                    "documents": int((final_src == src_id).sum()), "bad_rows": len(mine),
+                    "bad_rows_by_reason": dict(sorted(reasons.items())),
+                    "first_bad_rows": [f"{row_label(src, r['_row'])}: {r['_why']}" for r in mine[:BAD_ROW_EXAMPLES]]})
+    return out
+
+
+def _manifest(cfg, key_parts: dict, cache_key: str, splits: dict, kind: str, sources: list[Source],
+              kinds: list[str]) -> dict:
     tokens = sum(s["tokens"] for s in splits.values())
     sequences = sum(s["sequences"] for s in splits.values())
     template = {k: key_parts["template"][k] for k in ("format_string", "train_on_prompt", "chat_template_hash")}
@@ -276,6 +303,7 @@ def _manifest(cfg, key_parts: dict, cache_key: str, splits: dict, kind: str) -> 
         "seq_len": cfg.seq_len, "packing": cfg.packing,
         "packing_efficiency": round(packing_efficiency(tokens, sequences, cfg.seq_len), 6),
         "record_type": kind,
+        "sources": [{"path": str(src.path), "record_type": k} for src, k in zip(sources, kinds)],
         "tokenizer": {k: key_parts["tokenizer"][k] for k in ("name_or_path", "vocab_size", "hash")},
         "template": template, "settings": dataclasses.asdict(cfg), "inputs": key_parts["inputs"], "splits": splits,
     }

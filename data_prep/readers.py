@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import codecs
 import csv
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from .config import SourceConfig
 from .errors import DataError
+from .records import Columns
 
 FORMATS = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-RECORD_TYPES = ("messages", "prompt_response", "text")
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,7 @@ class Source:
 
     path: Path
     fmt: str
+    entry: int = 0  # index of its data.sources entry (a folder entry yields several sources)
 
     def files(self) -> list[Path]:
         """Every file whose bytes make up this source (for content hashing)."""
@@ -39,26 +42,27 @@ def _is_saved_dataset(folder: Path) -> bool:
         (folder / "state.json").is_file()
 
 
-def expand_sources(sources: list[str]) -> list[Source]:
+def expand_sources(sources: list) -> list[Source]:
     """Resolve data.sources into files/folders with a known format; folders of plain files are expanded."""
     if not sources:
         raise DataError("data.sources is empty: list CSV, JSONL or Parquet files, or save_to_disk folders")
     out: list[Source] = []
-    for i, raw in enumerate(sources):
+    for i, entry in enumerate(sources):
+        raw = entry.path if isinstance(entry, SourceConfig) else str(entry)
         path = Path(raw)
-        if not path.exists():
-            raise DataError(f"data.sources[{i}]: {raw} does not exist; fix the path (relative paths are read "
-                            f"from the current directory, {Path.cwd()})")
+        if not raw or not path.exists():
+            raise DataError(f"data.sources[{i}]: {raw or '(no path)'} does not exist; fix the path (relative paths "
+                            f"are read from the current directory, {Path.cwd()})")
         if path.is_dir() and _is_saved_dataset(path):
-            out.append(Source(path, "arrow"))
+            out.append(Source(path, "arrow", i))
         elif path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.suffix.lower() in FORMATS)
             if not found:
                 raise DataError(f"data.sources[{i}]: folder {raw} holds no .csv/.jsonl/.json/.parquet file and "
                                 f"is not a datasets.save_to_disk folder")
-            out.extend(Source(p, FORMATS[p.suffix.lower()]) for p in found)
+            out.extend(Source(p, FORMATS[p.suffix.lower()], i) for p in found)
         elif path.suffix.lower() in FORMATS:
-            out.append(Source(path, FORMATS[path.suffix.lower()]))
+            out.append(Source(path, FORMATS[path.suffix.lower()], i))
         else:
             raise DataError(f"data.sources[{i}]: {raw} has an unknown extension {path.suffix!r}; use one of "
                             f"{', '.join(FORMATS)} or a datasets.save_to_disk folder")
@@ -188,29 +192,73 @@ def _first_bad_json_line(path: Path) -> str | None:
     return None if objects else "no data rows (nothing but blank lines); fill it or remove it from data.sources"
 
 
-def resolve_record_type(columns: list[str], cfg, src: Source) -> str:
-    """The record shape of one source: the configured one (its columns must exist) or, for auto, inferred."""
-    needed = {"messages": [("data.messages_column", cfg.messages_column)],
-              "prompt_response": [("data.prompt_column", cfg.prompt_column),
-                                  ("data.response_column", cfg.response_column)],
-              "text": [("data.text_column", cfg.text_column)]}
-    if cfg.record_type != "auto":
-        for key, name in needed[cfg.record_type]:
-            if name not in columns:
-                raise DataError(f"{src.path}: column {name!r} ({key}, record_type {cfg.record_type}) not found; "
-                                f"columns found: {', '.join(columns)}; set {key} to one of them")
-        return cfg.record_type
-    for kind in RECORD_TYPES:
-        if all(name in columns for _, name in needed[kind]):
-            return kind
-    return _raise_auto_failed(columns, cfg, src)
+# For each record type: its columns as (canonical name, config key, required).
+_COLUMNS = {
+    "messages": [("messages", "messages_column", True), ("tools", "tools_column", False)],
+    "sharegpt": [("messages", "conversations_column", True), ("tools", "tools_column", False)],
+    "alpaca": [("instruction", "instruction_column", True), ("output", "output_column", True),
+               ("input", "input_column", False)],
+    "prompt_response": [("prompt", "prompt_column", True), ("response", "response_column", True)],
+    "text": [("text", "text_column", True)],
+}
 
 
-def _raise_auto_failed(columns, cfg, src) -> str:
-    raise DataError(f"{src.path}: data.record_type auto found none of: a {cfg.messages_column!r} column "
-                    f"(data.messages_column), {cfg.prompt_column!r} + {cfg.response_column!r} "
-                    f"(data.prompt_column, data.response_column), or {cfg.text_column!r} (data.text_column); "
-                    f"columns found: {', '.join(columns)}; set those keys to your column names")
+def source_settings(cfg, entry: int) -> SourceConfig:
+    """data.sources[entry] with every unset field taken from the data section (one source's settings)."""
+    given = cfg.sources[entry]
+    given = given if isinstance(given, SourceConfig) else SourceConfig(path=str(given))
+    merged = {f.name: getattr(given, f.name) for f in dataclasses.fields(SourceConfig)}
+    for name, value in merged.items():
+        if value is None:
+            merged[name] = getattr(cfg, name)
+    return SourceConfig(**merged)
+
+
+def _turn_keys(ds, column: str) -> set:
+    """The keys of the first turn of the first non-empty conversation in ``column`` (auto detection)."""
+    for value in ds.select(range(min(len(ds), 100)))[column]:
+        if isinstance(value, list) and value and isinstance(value[0], dict):
+            return {k for k, v in value[0].items() if v is not None}
+    return set()
+
+
+def _auto_kind(ds, opts: SourceConfig) -> tuple[str, str | None] | None:
+    """(record type, the conversation column when one was found) for record_type auto, or None."""
+    columns = ds.column_names
+    for column in (opts.messages_column, opts.conversations_column):
+        if column in columns:
+            return ("sharegpt" if "from" in _turn_keys(ds, column) else "messages"), column
+    for kind in ("alpaca", "prompt_response", "text"):
+        if all(getattr(opts, key) in columns for _, key, required in _COLUMNS[kind] if required):
+            return kind, None
+    return None
+
+
+def resolve_columns(ds, opts: SourceConfig, src: Source) -> Columns:
+    """The record type and column names of one source: the configured type (its columns must exist) or,
+    for auto, one inferred from the columns present and the first conversation's keys."""
+    columns, kind, found = ds.column_names, opts.record_type, None
+    if kind == "auto":
+        kind, found = _auto_kind(ds, opts) or _raise_auto_failed(columns, opts, src)
+    names = {}
+    for name, key, required in _COLUMNS[kind]:
+        column = found if found and name == "messages" else getattr(opts, key)
+        if column in columns:
+            names[name] = (f"data.{key}", column)
+        elif required:
+            raise DataError(f"{src.path}: column {column!r} (data.{key}, record_type {kind}) not found; "
+                            f"columns found: {', '.join(columns)}; set data.{key} (or {key} in "
+                            f"data.sources[{src.entry}]) to one of them")
+    return Columns(kind=kind, names=names, roles=dict(opts.sharegpt_roles))
+
+
+def _raise_auto_failed(columns, opts, src) -> str:
+    raise DataError(f"{src.path}: data.record_type auto found none of: a {opts.messages_column!r} or "
+                    f"{opts.conversations_column!r} column (data.messages_column, data.conversations_column), "
+                    f"{opts.instruction_column!r} + {opts.output_column!r} (alpaca), {opts.prompt_column!r} + "
+                    f"{opts.response_column!r} (data.prompt_column, data.response_column), or "
+                    f"{opts.text_column!r} (data.text_column); columns found: {', '.join(columns)}; set those keys "
+                    f"to your column names, or record_type and the columns in this source's data.sources entry")
 
 
 def row_label(src: Source, row_index: int) -> str:

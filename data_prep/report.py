@@ -39,6 +39,9 @@ class Facts:
     prefix_hashes: np.ndarray
     params: int | None
     near_hashes: np.ndarray | None = None  # content ignoring case, spacing and punctuation, per kept row
+    cleaning_steps: list | None = None  # the opt-in cleaning steps that ran (text is otherwise kept as written)
+    special_text_rows: int = 0  # rows whose data held a special-token string (tokenized as text)
+    sources: list | None = None  # per source: record type, rows read, documents, bad rows
 
 
 def count_params(model_path: str) -> int | None:
@@ -122,6 +125,13 @@ def warnings_for(manifest: dict, facts: Facts, context: dict, near: dict | None 
     if docs and cut / (docs + _dropped(manifest, "too_long")) > MAX_TRUNCATED_SHARE:
         out.append(f"many over-length rows: {cut:,} rows were longer than seq_len {facts.seq_len} (truncated or "
                    f"dropped); raise data.seq_len or shorten them")
+    bad = _dropped(manifest, "bad_row")
+    if bad:
+        first = next((r for s in facts.sources or [] for r in s["first_bad_rows"]), "")
+        out.append(f"{bad:,} bad rows dropped (see sources in report.json for reasons and locations), e.g. {first}")
+    if facts.special_text_rows:
+        out.append(f"{facts.special_text_rows:,} rows contain special-token strings (e.g. <|im_end|>) in their text; "
+                   f"they were tokenized as ordinary text, not as the template's special tokens")
     if _dropped(manifest, "no_supervised_tokens"):
         out.append(f"{_dropped(manifest, 'no_supervised_tokens'):,} rows had no supervised token after templating "
                    f"(no assistant turn, or truncation cut the whole response) and were dropped")
@@ -141,6 +151,8 @@ def build_report(manifest: dict, facts: Facts) -> dict:
     context = redundant_context(facts.prefix_hashes)
     near = near_duplicates(facts.near_hashes)
     return {"record_type": facts.kind, "seq_len": facts.seq_len, "model_params": facts.params,
+            "cleaning": {"text": "NFC, unified line endings", "opt_in_steps": facts.cleaning_steps or []},
+            "rows_with_special_token_text": facts.special_text_rows, "sources": facts.sources or [],
             "document_lengths": length_stats(facts.raw_lengths, facts.seq_len),
             "cross_split_prompt_overlap": facts.overlap, "redundant_context": context, "near_duplicates": near,
             "splits": {k: {f: v for f, v in s.items() if f != "shards"} for k, s in manifest["splits"].items()},
@@ -176,6 +188,11 @@ def format_summary(manifest: dict, report: dict, out_dir: Path) -> str:
     reasons = {r: sum(s["rows_dropped"][r] for s in manifest["splits"].values()) for r in
                next(iter(manifest["splits"].values()))["rows_dropped"]}
     lines.append("dropped by reason: " + ", ".join(f"{k} {v}" for k, v in reasons.items()))
+    for src in report.get("sources", []) if len(report.get("sources", [])) > 1 else []:
+        lines.append(f"source {src['path']}: {src['record_type']}, {src['rows_read']} rows read, "
+                     f"{src['documents']} documents, {src['bad_rows']} bad rows")
+    if report.get("cleaning", {}).get("opt_in_steps"):
+        lines.append("cleaning steps (opt-in): " + ", ".join(report["cleaning"]["opt_in_steps"]))
     lines.extend(f"warning: {w}" for w in report["warnings"])
     return "\n".join(lines)
 

@@ -3,52 +3,105 @@
 A record is rendered to text plus the character spans that carry loss (assistant turns, the response,
 or all of a text). The text is tokenized in batches by the fast tokenizer with offset mapping, and a
 token carries loss when it overlaps a supervised span. Working on characters rather than token prefixes
-keeps the masking right when the tokenizer merges characters across a span boundary.
+keeps the masking right when the tokenizer merges characters across a span boundary. Special-token
+strings inside data are tokenized as text (special.py).
 
 With ``template: format`` the text before ``{response}`` is the prompt; ``{system}`` in the format string
-is replaced by data.system_prompt (or nothing). A chat template gets data.system_prompt as a leading system
-message unless the conversation has its own.
+is replaced by data.system_prompt (or nothing). A chat template (data.chat_template, else the
+tokenizer's) gets data.system_prompt as a leading system message unless the conversation has its own.
 
-Assistant spans in a chat template are found by rendering the conversation up to each assistant turn with
-``add_generation_prompt=True`` (where the answer starts) and up to the end of that turn (where it ends).
+Assistant spans in a chat template come from its ``{% generation %}`` blocks when it has them. Otherwise
+they are found by incremental rendering: the conversation up to an assistant turn with
+``add_generation_prompt=True`` must be a prefix of the whole rendering (the answer starts there), and the
+turn up to its end-of-turn token must render the same with or without the turns after it. A template
+that breaks either rule (one that rewrites earlier turns, say) is refused with an error naming it and an
+override, never masked by guesswork. A span ends with the turn's end-of-turn token (the special token the
+template writes right after an answer); what the template writes after that is not trained on.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from .errors import DataError
 from .format import IGNORE_INDEX
+from .special import SpecialText
 
 Span = tuple[int, int]
+BUILTIN_DIR = Path(__file__).parent / "chat_templates"
+GENERATION_BLOCK = re.compile(r"{%-?\s*generation\s*-?%}")
+_PROBE = "Zq7 probe answer"
+# A marker token of each family's chat format, and the built-in template that renders it.
+_FAMILY_MARKERS = [("<|start_header_id|>", "llama3"), ("<|im_start|>", "qwen2.5"), ("<start_of_turn>", "gemma"),
+                   ("[INST]", "mistral"), ("<|assistant|>", "phi3")]
+
+
+def builtin_templates() -> list[str]:
+    """Names of the built-in chat templates (data.chat_template: NAME)."""
+    return sorted(p.stem for p in BUILTIN_DIR.glob("*.jinja"))
+
+
+def resolve_chat_template(tokenizer, override: str | None) -> tuple[str | None, str]:
+    """(template text, how to name it in messages) for data.chat_template, else the tokenizer's own."""
+    if not override:
+        tpl = tokenizer.chat_template
+        if isinstance(tpl, dict):
+            tpl = tpl.get("default")
+        return tpl, "the tokenizer's chat template (model.name_or_path)"
+    path = Path(override)
+    if path.is_file():
+        return path.read_text(encoding="utf-8"), f"data.chat_template {override}"
+    if (BUILTIN_DIR / f"{override}.jinja").is_file():
+        return (BUILTIN_DIR / f"{override}.jinja").read_text(encoding="utf-8"), f"built-in chat template {override}"
+    raise DataError(f"data.chat_template {override!r} is neither a file nor a built-in template; built-ins: "
+                    f"{', '.join(builtin_templates())}")
+
+
+def suggested_template(tokenizer) -> str:
+    """The built-in template matching a tokenizer's special tokens (chatml when none matches)."""
+    vocab = tokenizer.get_vocab()
+    return next((name for marker, name in _FAMILY_MARKERS if marker in vocab), "chatml")
 
 
 @dataclass
 class Rendered:
-    """A templated record: its text, the character spans carrying loss, and how to finish tokenizing it."""
+    """A templated record: its text, the character spans carrying loss, how to finish tokenizing it, and
+    the spans holding data that contained special-token strings (None when there were none)."""
 
     text: str
     spans: list[Span]
     append_eos: bool
+    data_spans: list[Span] | None = None
 
 
 class Templater:
-    """Renders records of one record type with the chat template, a format string, or as plain text."""
+    """Renders canonical records (records.py) with the chat template, a format string, or as plain text."""
 
-    def __init__(self, tokenizer, cfg, kind: str):
-        self.tok, self.cfg, self.kind = tokenizer, cfg, kind
-        self.use_chat = kind != "text" and cfg.template == "chat"
-        if self.use_chat and not tokenizer.chat_template:
+    def __init__(self, tokenizer, cfg, kinds: set[str]):
+        self.tok, self.cfg = tokenizer, cfg
+        self.use_chat = cfg.template == "chat" and kinds != {"text"}
+        self.template, self.template_name = resolve_chat_template(tokenizer, cfg.chat_template)
+        if self.use_chat and not self.template:
             raise DataError(f"the tokenizer of model.name_or_path has no chat template, which data.template: chat "
-                            f"needs; set data.template: format with a data.format_string such as "
+                            f"needs; set data.chat_template (built-ins: {', '.join(builtin_templates())}) or "
+                            f"data.template: format with a data.format_string such as "
                             f"\"### Question:\\n{{prompt}}\\n\\n### Answer:\\n{{response}}\"")
-        if kind == "messages" and not self.use_chat:
-            raise DataError("data.record_type messages needs data.template: chat (a format string has no roles)")
+        multi_turn = kinds & {"messages", "sharegpt"}
+        if multi_turn and cfg.template != "chat":
+            raise DataError(f"data.record_type {sorted(multi_turn)[0]} needs data.template: chat (a format string "
+                            f"has no roles)")
         if tokenizer.eos_token_id is None:
             raise DataError("the tokenizer of model.name_or_path has no EOS token; set one in its "
                             "tokenizer_config.json (eos_token) so the model can learn to stop")
+        self.generation = bool(self.use_chat and GENERATION_BLOCK.search(self.template))
+        self.special = SpecialText(tokenizer)
+        self.template_kwargs = dict(tokenizer.special_tokens_map)
+        self.end_of_turn = self._find_end_of_turn() if self.use_chat else None
         # Chat templates already place their special tokens (BOS included) in the text.
         self.add_special_tokens = not self.use_chat
         self.backend = tokenizer.backend_tokenizer
@@ -56,80 +109,183 @@ class Templater:
         self.backend.no_padding()
 
     def render(self, record: dict) -> Rendered:
-        """Template one cleaned record."""
-        if self.kind == "text":
-            return Rendered(record["text"], [(0, len(record["text"]))], append_eos=True)
-        if not self.use_chat:
-            return self._render_format(record["prompt"], record["response"])
-        messages = record["messages"] if self.kind == "messages" else [
-            {"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["response"]}]
-        if self.cfg.system_prompt and not (messages and messages[0]["role"] == "system"):
-            messages = [{"role": "system", "content": self.cfg.system_prompt}] + list(messages)
-        return self._render_chat(messages)
+        """Template one canonical record; special-token strings in its data are kept as text."""
+        escaped, hit = self.special.escape({k: record[k] for k in ("messages", "tools", "text")})
+        if not escaped["messages"]:
+            text = escaped["text"]
+            rendered = Rendered(text, [(0, len(text))], append_eos=True)
+        elif not self.use_chat:
+            rendered = self._render_format(escaped["messages"])
+        else:
+            rendered = self._render_chat(escaped)
+        if hit:
+            rendered.text, rendered.data_spans = self.special.unescape(rendered.text)
+        return rendered
 
-    def _render_format(self, prompt: str, response: str) -> Rendered:
+    def _render_format(self, turns: list[dict]) -> Rendered:
+        prompt = "\n\n".join(t["content"] for t in turns if t["role"] == "user")
+        response = "".join(t["content"] for t in turns if t["role"] == "assistant")
+        system = next((t["content"] for t in turns if t["role"] == "system"), self.cfg.system_prompt or "")
         before, _, after = self.cfg.format_string.partition("{response}")
-        system = self.cfg.system_prompt or ""
         head = before.replace("{system}", system).replace("{prompt}", prompt)
         text = head + response + after.replace("{system}", system).replace("{prompt}", prompt)
         start = 0 if self.cfg.train_on_prompt else len(head)
         return Rendered(text, [(start, len(text))], append_eos=True)
 
-    def _chat(self, messages, generation_prompt: bool = False) -> str:
-        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    def template_messages(self, record: dict) -> list[dict]:
+        """The conversation as chat templates read it (tool calls as objects, empty fields left out)."""
+        messages = []
+        for turn in record["messages"]:
+            msg = {"role": turn["role"], "content": turn["content"]}
+            if turn["tool_calls"]:
+                msg["tool_calls"] = json.loads(turn["tool_calls"])
+            for key in ("name", "tool_call_id"):
+                if turn.get(key):
+                    msg[key] = turn[key]
+            messages.append(msg)
+        if self.cfg.system_prompt and not (messages and messages[0]["role"] == "system"):
+            messages = [{"role": "system", "content": self.cfg.system_prompt}] + messages
+        return messages
 
-    def _render_chat(self, messages: list[dict]) -> Rendered:
-        full = self._chat(messages)
-        spans: list[Span] = []
-        search_from = 0
+    def _chat(self, messages, tools=None, generation_prompt: bool = False, assistant_mask: bool = False):
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        try:
+            texts, indices = render_jinja_template(
+                conversations=[messages], tools=tools, chat_template=self.template,
+                return_assistant_tokens_mask=assistant_mask, add_generation_prompt=generation_prompt,
+                **self.template_kwargs)
+        except Exception as exc:  # noqa: BLE001 - a template's own raise_exception or a Jinja error
+            raise DataError(f"{self.template_name} failed to render a conversation ({type(exc).__name__}: "
+                            f"{exc}); fix the row or set data.chat_template to a template that accepts it") from None
+        return (texts[0], indices[0]) if assistant_mask else texts[0]
+
+    def _trained_turns(self, record: dict, messages: list[dict]) -> list[bool]:
+        """For each assistant message of ``messages``: whether it carries loss."""
+        flags = [t["train"] for t in record["messages"] if t["role"] == "assistant"]
+        if self.cfg.train_on == "last_turn" and flags:
+            flags = [False] * (len(flags) - 1) + flags[-1:]
+        return flags
+
+    def _render_chat(self, record: dict) -> Rendered:
+        messages = self.template_messages(record)
+        tools = json.loads(record["tools"]) if record["tools"] else None
+        full, turn_spans = self._generation_spans(messages, tools) if self.generation else \
+            self._incremental_spans(messages, tools)
+        spans = [span for span, train in zip(turn_spans, self._trained_turns(record, messages)) if train]
+        ends_with_special = bool(spans) and self._ends_with_special(full, spans[-1])
+        if self.cfg.train_on_prompt and spans:
+            spans = [(0, len(full))]
+        # EOS is appended only where an answer ends the document and the template did not end it with a
+        # special token (its end of turn).
+        append_eos = bool(spans) and not ends_with_special and messages[-1]["role"] == "assistant"
+        return Rendered(full, spans, append_eos=append_eos)
+
+    def _ends_with_special(self, text: str, span: Span) -> bool:
+        piece = text[span[0]:span[1]]
+        return any(piece.endswith(s) for s in self.special.tokens)
+
+    def _refuse(self, reason: str) -> DataError:
+        return DataError(f"{self.template_name} cannot be masked exactly: {reason}. Set data.chat_template to a "
+                         f"template whose assistant turns are wrapped in {{% generation %}}...{{% endgeneration %}}, "
+                         f"or to the built-in {suggested_template(self.tok)!r} (built-ins: "
+                         f"{', '.join(builtin_templates())})")
+
+    def _generation_spans(self, messages, tools) -> tuple[str, list[Span]]:
+        full, blocks = self._chat(messages, tools, assistant_mask=True)
+        assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        if len(blocks) != len(assistant):
+            raise self._refuse(f"it has {len(blocks)} {{% generation %}} blocks for {len(assistant)} assistant turns")
+        spans = []
+        for i, (start, end) in zip(assistant, blocks):
+            span = self._cut_at_end_of_turn(full, start, end)
+            self._check_content(full, span, messages[i], i)
+            spans.append(span)
+        return full, spans
+
+    def _incremental_spans(self, messages, tools) -> tuple[str, list[Span]]:
+        full = self._chat(messages, tools)
+        spans, search_from = [], 0
         for i, msg in enumerate(messages):
             if msg["role"] != "assistant":
                 continue
-            span = self._assistant_span(messages, i, full, search_from)
+            head = self._chat(messages[:i], tools, generation_prompt=True) if i else ""
+            if not full.startswith(head) or len(head) < search_from:
+                raise self._refuse(f"the conversation rendered up to assistant turn {i} with add_generation_prompt "
+                                   f"is not a prefix of the whole conversation (the template rewrites earlier turns "
+                                   f"or the generation prompt)")
+            upto = full if i == len(messages) - 1 else self._chat(messages[: i + 1], tools)
+            same = len(upto) if full.startswith(upto) else len(_common_prefix(upto, full))
+            span = self._cut_at_end_of_turn(full, len(head), len(upto))
+            if span[1] > same:
+                raise self._refuse(f"assistant turn {i} renders differently when later turns follow it")
+            self._check_content(full, span, msg, i)
             spans.append(span)
             search_from = span[1]
-        spans = [self._end_at_eos(full, span) for span in spans]
-        ends_with_eos = bool(spans) and full.endswith(self.tok.eos_token, 0, spans[-1][1])
-        if self.cfg.train_on_prompt and spans:
-            spans = [(0, len(full))]
-        # EOS is appended only where an answer ends the document and the template did not end it with EOS.
-        append_eos = bool(spans) and not ends_with_eos and messages[-1]["role"] == "assistant"
-        return Rendered(full, spans, append_eos=append_eos)
+        return full, spans
 
-    def _end_at_eos(self, full: str, span: Span) -> Span:
-        """Cut the whitespace a template writes after a turn's EOS: predicting it after EOS is noise."""
-        start, end = span
-        eos = self.tok.eos_token
-        k = full.rfind(eos, start, end)
-        if k >= 0 and not full[k + len(eos):end].strip():
-            return start, k + len(eos)
-        return span
+    def _check_content(self, full: str, span: Span, msg: dict, i: int) -> None:
+        if msg["content"] and msg["content"].strip() not in full[span[0]:span[1]]:
+            raise self._refuse(f"the text found for assistant turn {i} does not contain its content")
 
-    def _assistant_span(self, messages, i: int, full: str, search_from: int) -> Span:
-        upto = full if i == len(messages) - 1 else self._chat(messages[: i + 1])
-        if i > 0:
-            head = self._chat(messages[:i], generation_prompt=True)
-            if full.startswith(head) and full.startswith(upto) and search_from <= len(head) < len(upto):
-                return len(head), len(upto)
-        # Templates that rewrite earlier turns are not prefix-consistent: fall back to the content's position.
-        content = messages[i]["content"]
-        start = full.find(content, search_from)
-        if start < 0:
-            raise DataError(f"the chat template does not reproduce assistant turn {i} verbatim, so its loss span "
-                            f"cannot be found; use data.template: format")
-        end = start + len(content)
-        eos = self.tok.eos_token
-        if full.startswith(eos, end):
-            end += len(eos)
+    def _cut_at_end_of_turn(self, full: str, start: int, end: int) -> Span:
+        """The span up to the turn's end-of-turn token (inclusive); without one, minus trailing whitespace
+        after the last special token."""
+        if self.end_of_turn:
+            k = full.find(self.end_of_turn, start, end)
+            if k >= 0:
+                return start, k + len(self.end_of_turn)
+        last = None
+        for m in (self.special.pattern.finditer(full, start, end) if self.special.pattern else ()):
+            last = m
+        if last is not None and not full[last.end():end].strip():
+            return start, last.end()
         return start, end
 
-    def overhead_tokens(self) -> int:
+    def _find_end_of_turn(self) -> str | None:
+        """The special token a template writes right after an answer (None when it writes none)."""
+        probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _PROBE}]
+        try:
+            text = self._chat(probe)
+        except DataError:
+            return None
+        at = text.find(_PROBE)
+        m = self.special.pattern.search(text, at + len(_PROBE)) if at >= 0 and self.special.pattern else None
+        return m.group() if m and not text[at + len(_PROBE):m.start()].strip() else None
+
+    def overhead_tokens(self, kinds: set[str]) -> int:
         """Tokens the template adds around an empty record (plus the EOS it appends), for the seq_len check."""
-        empty = {"text": {"text": ""}, "prompt_response": {"prompt": "", "response": ""},
-                 "messages": {"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}]}}
-        rendered = self.render(empty[self.kind])
-        ids = self.tok(rendered.text, add_special_tokens=self.add_special_tokens)["input_ids"]
-        return len(ids) + int(rendered.append_eos)
+        turn = {"content": "", "tool_calls": "", "name": "", "tool_call_id": "", "train": True}
+        empty_chat = {"messages": [{**turn, "role": "user"}, {**turn, "role": "assistant"}], "tools": "", "text": ""}
+        records = ([empty_chat] if kinds != {"text"} else []) + \
+            ([{"messages": [], "tools": "", "text": ""}] if "text" in kinds else [])
+        out = 0
+        for record in records:
+            rendered = self.render(record)
+            add = self.add_special_tokens or not record["messages"]
+            ids = self.tok(rendered.text, add_special_tokens=add)["input_ids"]
+            out = max(out, len(ids) + int(rendered.append_eos))
+        return out
+
+    def encode_batch(self, rendered: list[Rendered], text_rows: list[bool]) -> list[tuple[list[int], list[Span]]]:
+        """Token ids and offsets of rendered documents; the batched encode unless data held special strings."""
+        plain = [i for i, r in enumerate(rendered) if r.data_spans is None]
+        out: list = [None] * len(rendered)
+        for add in (True, False):
+            group = [i for i in plain if (self.add_special_tokens or text_rows[i]) == add]
+            for i, enc in zip(group, self.backend.encode_batch([rendered[i].text for i in group],
+                                                              add_special_tokens=add)):
+                out[i] = (enc.ids, enc.offsets)
+        for i, r in enumerate(rendered):
+            if r.data_spans is not None:
+                out[i] = self.special.encode(r.text, r.data_spans, self.add_special_tokens or text_rows[i])
+        return out
+
+
+def _common_prefix(a: str, b: str) -> str:
+    n = min(len(a), len(b))
+    k = next((j for j in range(n) if a[j] != b[j]), n)
+    return a[:k]
 
 
 def labels_from_spans(ids: list[int], offsets: list[tuple[int, int]], spans: list[Span]) -> np.ndarray:
@@ -170,21 +326,28 @@ def finish_document(ids: np.ndarray, labels: np.ndarray, *, eos_id: int | None, 
 
 
 def tokenize_batch(batch: dict, *, templater: Templater, seq_len: int, excess_length: str, where) -> dict:
-    """Template and tokenize a batch of cleaned records; apply the over-length rule and the label rules.
+    """Template and tokenize a batch of canonical records; apply the over-length rule and the label rules.
 
     ``where(src_id, row)`` names a source row for an error message. Output columns: input_ids, labels,
-    n_tokens_raw (before truncation), n_tokens, n_supervised, truncated, _drop2 (a drop reason or "").
+    n_tokens_raw (before truncation), n_tokens, n_supervised, truncated, special_text (the row's data held a
+    special-token string), _drop2 (a drop reason or "").
     """
-    columns = [c for c in batch if not c.startswith("_")]
-    rendered = [templater.render({c: batch[c][i] for c in columns}) for i in range(len(batch["_src"]))]
-    # The Rust tokenizer directly: transformers' wrapper would convert every encoding to Python lists first.
-    enc = templater.backend.encode_batch([r.text for r in rendered], add_special_tokens=templater.add_special_tokens)
-    out = {k: [] for k in ("input_ids", "labels", "n_tokens_raw", "n_tokens", "n_supervised", "truncated", "_drop2")}
-    for i, r in enumerate(rendered):
+    rendered = []
+    for i in range(len(batch["_src"])):
+        try:
+            rendered.append(templater.render({c: batch[c][i] for c in ("messages", "tools", "text")}))
+        except DataError as exc:
+            raise DataError(f"{where(batch['_src'][i], batch['_row'][i])}: {exc}") from None
+    text_rows = [not m for m in batch["messages"]]
+    encoded = templater.encode_batch(rendered, text_rows)
+    out = {k: [] for k in ("input_ids", "labels", "n_tokens_raw", "n_tokens", "n_supervised", "truncated",
+                           "special_text", "_drop2")}
+    for i, (r, (ids, offsets)) in enumerate(zip(rendered, encoded)):
         doc = finish_document(
-            np.asarray(enc[i].ids, dtype=np.int32), labels_from_spans(enc[i].ids, enc[i].offsets, r.spans),
+            np.asarray(ids, dtype=np.int32), labels_from_spans(ids, offsets, r.spans),
             eos_id=templater.tok.eos_token_id if r.append_eos else None, seq_len=seq_len,
             excess_length=excess_length, where=where(batch["_src"][i], batch["_row"][i]))
+        doc["special_text"] = r.data_spans is not None
         for key, value in doc.items():
             out[key].append(value)
     return out
@@ -196,4 +359,4 @@ def token_features():
 
     return Features({"input_ids": List(Value("int32")), "labels": List(Value("int32")),
                      "n_tokens_raw": Value("int32"), "n_tokens": Value("int32"), "n_supervised": Value("int32"),
-                     "truncated": Value("bool"), "_drop2": Value("string")})
+                     "truncated": Value("bool"), "special_text": Value("bool"), "_drop2": Value("string")})

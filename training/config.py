@@ -340,6 +340,8 @@ def _type_name(tp) -> str:
         return " | ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is list:
         return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "mapping"
     if tp is type(None):
         return "null"
     return getattr(tp, "__name__", str(tp))
@@ -356,6 +358,9 @@ def _convert(tp, value, dotted: str, problems: list[str]) -> tuple[bool, Any]:
             ok, converted = _convert(arm, value, dotted, scratch)
             if ok and not scratch:
                 return True, converted
+            if isinstance(value, dict) and dataclasses.is_dataclass(arm):
+                problems.extend(scratch)  # a mapping meant this section: its own problems say more
+                return False, None
     elif origin is Literal:
         if value in typing.get_args(tp) and not isinstance(value, bool):
             return True, value
@@ -373,6 +378,16 @@ def _convert(tp, value, dotted: str, problems: list[str]) -> tuple[bool, Any]:
                 ok, converted = _convert(arm, item, f"{dotted}[{i}]", problems)
                 good &= ok
                 out.append(converted)
+            return good, out
+    elif origin is dict:
+        if isinstance(value, dict):
+            key_tp, value_tp = typing.get_args(tp)
+            out, good = {}, True
+            for key, item in value.items():
+                ok_key, _ = _convert(key_tp, key, f"{dotted} key {key!r}", problems)
+                ok, converted = _convert(value_tp, item, f"{dotted}.{key}", problems)
+                good &= ok and ok_key
+                out[key] = converted
             return good, out
     elif tp is type(None):
         if value is None:

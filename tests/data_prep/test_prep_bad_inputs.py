@@ -56,25 +56,33 @@ def test_non_utf8_jsonl(tiny_model_dir, tmp_path, make_cfg):
     _expect_error(make_cfg([path]), tiny_model_dir, r"bad\.jsonl: line 2: bytes that are not UTF-8")
 
 
-def test_number_in_one_json_row(tiny_model_dir, tmp_path, make_cfg):
-    rows = [{"question": "What?", "answer": "Fine"}, {"question": 3.5, "answer": "x"}]
-    _expect_error(make_cfg([write_jsonl(tmp_path / "rows.jsonl", rows)]), tiny_model_dir,
-                  r"rows\.jsonl: line 2: data\.prompt_column 'question' holds a float")
+def test_number_in_one_json_row_drops_that_row_with_its_location(tiny_model_dir, tmp_path, make_cfg):
+    rows = qa_rows(20)
+    rows[1] = {"question": 3.5, "answer": "x"}
+    cfg = make_cfg([write_jsonl(tmp_path / "rows.jsonl", rows)], validation_fraction=0.0, test_fraction=0.0)
+    manifest = prepare(cfg, str(tiny_model_dir))
+    report = json.loads((Path(cfg.output_dir) / "report.json").read_text())
+    (src,) = report["sources"]
+    assert manifest["splits"]["train"]["rows_dropped"]["bad_row"] == 1 and src["bad_rows"] == 1
+    assert src["bad_rows_by_reason"] == {"wrong_type": 1} and src["documents"] == 19
+    assert src["first_bad_rows"][0].endswith("rows.jsonl: line 2: wrong_type: data.prompt_column 'question' holds "
+                                             "a float (3.5) where text is expected")
 
 
-def test_numbers_where_text_is_expected_in_parquet(tiny_model_dir, tmp_path, make_cfg):
+def test_file_whose_every_row_is_bad_is_one_error(tiny_model_dir, tmp_path, make_cfg):
     import datasets
 
     datasets.Dataset.from_dict({"question": [1, 2], "answer": ["a", "b"]}).to_parquet(str(tmp_path / "n.parquet"))
     _expect_error(make_cfg([tmp_path / "n.parquet"]), tiny_model_dir,
-                  r"n\.parquet: row 1: data\.prompt_column 'question' holds a int .*where text is expected")
+                  r"n\.parquet: every row is unusable as prompt_response records \(first: .*n\.parquet: row 1: "
+                  r"wrong_type: data\.prompt_column 'question' holds a int .*expected two text columns")
 
 
 def test_messages_not_a_list_of_turns(tiny_model_dir, tmp_path, make_cfg):
-    rows = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]},
-            {"messages": "user: Hi"}]
+    rows = [{"messages": "user: Hi"}, {"messages": [{"from": "human", "value": "Hi"}]}]
     _expect_error(make_cfg([write_jsonl(tmp_path / "chat.jsonl", rows)], record_type="messages"), tiny_model_dir,
-                  r"chat\.jsonl: line 2: data\.messages_column 'messages' must be a list")
+                  r"chat\.jsonl: every row is unusable as messages records \(first: .*chat\.jsonl: line 1: "
+                  r"wrong_type: column 'messages' holds a str.*expected a list of \{\"role\"")
 
 
 def test_missing_configured_column(tiny_model_dir, tmp_path, make_cfg):
@@ -92,7 +100,7 @@ def test_auto_with_no_known_columns(tiny_model_dir, tmp_path, make_cfg):
 
 def test_empty_after_cleaning_prints_drop_counts(tiny_model_dir, tmp_path, make_cfg):
     path = _write(tmp_path / "qa.csv", b"question,answer\nWhat?,\nWhy?, \n,Because\n")
-    _expect_error(make_cfg([path]), tiny_model_dir, r"no training rows left .*3 rows read, dropped: empty_field 3")
+    _expect_error(make_cfg([path]), tiny_model_dir, r"no training rows left .*3 rows read, dropped: bad_row 0, empty_field 3")
 
 
 def test_seq_len_smaller_than_template(tiny_model_dir, qa_csv, make_cfg):

@@ -1,52 +1,99 @@
+import unicodedata
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from data_prep.clean import clean_batch, first_occurrences, normalize_text
-from data_prep.errors import DataError
+from data_prep.clean import Normalizer, clean_batch, dedup_key, first_occurrences, loose_key, normalize_text
 from data_prep.readers import Source
+from data_prep.records import Columns
 
 SRC = Source(Path("rows.jsonl"), "json")
-PR_COLUMNS = {"prompt": ("data.prompt_column", "q"), "response": ("data.response_column", "a")}
+PR = Columns("prompt_response", {"prompt": ("data.prompt_column", "q"), "response": ("data.response_column", "a")}, {})
+MSG = Columns("messages", {"messages": ("data.messages_column", "m")}, {})
+KEEP = Normalizer([])
+
+# Text that compatibility folding (NFKC) or whitespace cleaning would change, and must not.
+AS_WRITTEN = ["x² + y² = z²", "½ cup, ¼ tsp, H₂O", "你好，世界！（测试）", "ｆｕｌｌ width", "emoji 👩‍💻 🎉",
+              "שלום עולם مرحبا", "def f(x):\n    if x:\n\n        return 1\n\n\n    return 0\n", "  lead\t\n"]
 
 
-def test_normalize_text_nfkc_and_whitespace():
-    assert normalize_text("  ｆｕｌｌ\u00a0width \r\nline  \n\n\n\nnext\t ") == "full width\nline\n\nnext"
-    assert normalize_text("def f():\n    return 1") == "def f():\n    return 1", "indentation is kept"
+@pytest.mark.parametrize("text", AS_WRITTEN)
+def test_text_is_kept_as_written(text):
+    assert normalize_text(text) == unicodedata.normalize("NFC", text) == text
 
 
-def test_clean_batch_drops_empty_and_hashes_normalised_content():
-    batch = {"q": ["What?", "What? ", None, "Why"], "a": ["A", "A", "B", "  "]}
-    out = clean_batch(batch, [0, 1, 2, 3], kind="prompt_response", columns=PR_COLUMNS, src=SRC, src_id=0)
-    assert out["prompt"][1] == "What?"
-    assert out["_drop"] == ["", "", "empty_field", "empty_field"]
-    assert out["_hash"][0] == out["_hash"][1], "same content after normalisation -> same hash"
-    assert out["_hash"][0] != out["_hash"][2]
-    assert out["_phash"][0] == out["_phash"][1] and out["_row"] == [0, 1, 2, 3]
+def test_nfc_and_line_endings_only():
+    assert normalize_text("cafe\u0301\r\nline\rnext") == "caf\u00e9\nline\nnext"
+    assert normalize_text("ﬁ ² ①") == "ﬁ ² ①", "compatibility characters are content, not folded"
 
 
-def test_number_where_text_expected_names_the_row():
-    with pytest.raises(DataError, match=r"rows.jsonl: line 2: data.prompt_column 'q' holds a int"):
-        clean_batch({"q": ["ok", 42], "a": ["x", "y"]}, [0, 1], kind="prompt_response", columns=PR_COLUMNS,
-                    src=SRC, src_id=0)
+def test_opt_in_cleaning_steps():
+    text = "  a  \n\n\n\nb\t \n"
+    assert Normalizer(["strip_whitespace"])(text) == "a\n\n\n\nb"
+    assert Normalizer(["collapse_blank_lines"])(text) == "  a  \n\nb\t \n"
+    assert Normalizer(["strip_whitespace", "collapse_blank_lines"])(text) == "a\n\nb"
 
 
-@pytest.mark.parametrize("value", ["just text", [{"role": "user"}], ["hi", "there"], [{"role": 1, "content": "x"}]])
-def test_malformed_messages_are_refused(value):
-    cols = {"messages": ("data.messages_column", "messages")}
-    with pytest.raises(DataError, match="line 1: .*role"):
-        clean_batch({"messages": [value]}, [0], kind="messages", columns=cols, src=SRC, src_id=0)
-
-
-def test_messages_prompt_hash_and_empty_turn():
-    cols = {"messages": ("data.messages_column", "m")}
-    conv = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
-    other = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hey"}]
-    empty_turn = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": " "}]
-    out = clean_batch({"m": [conv, other, empty_turn]}, [0, 1, 2], kind="messages", columns=cols, src=SRC, src_id=0)
-    assert out["_phash"][0] == out["_phash"][1] and out["_hash"][0] != out["_hash"][1]
+def test_dedup_and_near_dup_keys_fold_without_touching_text():
+    batch = {"q": ["x² ？", "x2 ?  \n", "Why"], "a": ["A", "A", "  "]}
+    out = clean_batch(batch, [0, 1, 2], columns=PR, src=SRC, src_id=0, normalize=KEEP)
+    assert out["messages"][0][0]["content"] == "x² ？", "stored text unchanged"
+    assert out["messages"][1][0]["content"] == "x2 ?  \n"
+    assert out["_hash"][0] == out["_hash"][1], "equal under the dedup key: exact duplicates"
+    assert dedup_key("x² ？") == dedup_key("x2 ?") and loose_key("Ｘ²!") == loose_key("x2")
     assert out["_drop"] == ["", "", "empty_field"]
+
+
+def test_wrong_type_is_a_bad_row_with_its_reason():
+    out = clean_batch({"q": ["ok", 42], "a": ["x", "y"]}, [0, 1], columns=PR, src=SRC, src_id=0, normalize=KEEP)
+    assert out["_drop"] == ["", "bad_row"]
+    assert out["_why"][1] == "wrong_type: data.prompt_column 'q' holds a int (42) where text is expected"
+
+
+CALL = [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}]
+BAD_CONVERSATIONS = {
+    "missing_role": [{"content": "x"}],
+    "unknown_role": [{"role": "narrator", "content": "x"}],
+    "wrong_type": [{"role": "user", "content": 3}],
+    "empty_conversation": [],
+    "tool_without_call": [{"role": "user", "content": "x"}, {"role": "tool", "content": "42"}],
+    "empty_assistant_turn": [{"role": "user", "content": "x"}, {"role": "assistant", "content": None}],
+    "bad_tool_calls": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "", "tool_calls": "[{"}],
+}
+
+
+@pytest.mark.parametrize("reason", sorted(BAD_CONVERSATIONS))
+def test_bad_conversations_are_dropped_with_a_reason(reason):
+    good = [{"role": "user", "content": "x"}, {"role": "assistant", "content": None, "tool_calls": CALL},
+            {"role": "tool", "content": "42"}, {"role": "assistant", "content": "It is 42."}]
+    out = clean_batch({"m": [good, BAD_CONVERSATIONS[reason]]}, [0, 1], columns=MSG, src=SRC, src_id=0,
+                      normalize=KEEP)
+    assert out["_drop"] == ["", "bad_row"]
+    assert out["_why"][1].split(":")[0] == reason
+    assert out["messages"][0][1]["tool_calls"] == '[{"type": "function", "id": "c1", "function": {"name": "f", ' \
+                                                  '"arguments": {"a": 1}}}]'
+
+
+def test_sharegpt_roles_are_mapped():
+    cols = Columns("sharegpt", {"messages": ("data.conversations_column", "c")},
+                   {"human": "user", "gpt": "assistant", "bot": "assistant"})
+    conv = [{"from": "human", "value": "Hi"}, {"from": "bot", "value": "Hello", "weight": 0},
+            {"from": "human", "value": "More"}, {"from": "gpt", "value": "Sure"}]
+    out = clean_batch({"c": [conv, [{"from": "narrator", "value": "x"}]]}, [0, 1], columns=cols, src=SRC,
+                      src_id=0, normalize=KEEP)
+    assert [(m["role"], m["content"], m["train"]) for m in out["messages"][0]] == [
+        ("user", "Hi", True), ("assistant", "Hello", False), ("user", "More", True), ("assistant", "Sure", True)]
+    assert out["_why"][1].startswith("unknown_role: turn 0: unknown speaker 'narrator'")
+
+
+def test_alpaca_input_joins_the_instruction():
+    cols = Columns("alpaca", {"instruction": ("data.instruction_column", "i"), "input": ("data.input_column", "n"),
+                              "output": ("data.output_column", "o")}, {})
+    out = clean_batch({"i": ["Translate", "Greet"], "n": ["bonjour", ""], "o": ["hello", "hi"]}, [0, 1],
+                      columns=cols, src=SRC, src_id=0, normalize=KEEP)
+    assert [m["content"] for m in out["messages"][0]] == ["Translate\n\nbonjour", "hello"]
+    assert [m["content"] for m in out["messages"][1]] == ["Greet", "hi"]
 
 
 def test_first_occurrences_keeps_first_of_each():

@@ -2,7 +2,9 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
+from data_prep.clean import normalize_text
 from data_prep.config import DataConfig
+from data_prep.records import Columns, to_record
 from data_prep.errors import DataError
 from data_prep.format import IGNORE_INDEX
 from data_prep.template import Templater, labels_from_spans, tokenize_batch
@@ -17,13 +19,21 @@ def _supervised_text(tok, ids, labels):
     return tok.decode([t for t, l in zip(ids, labels) if l != IGNORE_INDEX])
 
 
+def _canonical(kind, record):
+    """A test record in its source shape, as the canonical record cleaning makes of it."""
+    names = {"prompt_response": ["prompt", "response"], "messages": ["messages"], "text": ["text"]}[kind]
+    cols = Columns(kind, {n: (f"data.{n}_column", n) for n in names}, {})
+    return to_record(record, cols, normalize_text)
+
+
 def _batch(kind, records):
-    cols = {k: [r[k] for r in records] for k in records[0]}
+    canon = [_canonical(kind, r) for r in records]
+    cols = {k: [r[k] for r in canon] for k in canon[0]}
     return {**cols, "_src": [0] * len(records), "_row": list(range(len(records)))}
 
 
 def _tokenize(tok, cfg, kind, records, seq_len=256, excess="truncate"):
-    t = Templater(tok, cfg, kind)
+    t = Templater(tok, cfg, {kind})
     return tokenize_batch(_batch(kind, records), templater=t, seq_len=seq_len, excess_length=excess,
                           where=lambda s, r: f"file row {r}")
 
@@ -102,12 +112,12 @@ def test_tokenizer_without_chat_template_suggests_format(tok):
     bare = AutoTokenizer.from_pretrained(tok.name_or_path)
     bare.chat_template = None
     with pytest.raises(DataError, match="no chat template.*data.template: format"):
-        Templater(bare, DataConfig(template="chat"), "prompt_response")
+        Templater(bare, DataConfig(template="chat"), {"prompt_response"})
 
 
 def test_overhead_counts_template_tokens(tok):
-    assert Templater(tok, DataConfig(), "prompt_response").overhead_tokens() >= 8
-    assert Templater(tok, DataConfig(), "text").overhead_tokens() == 1
+    assert Templater(tok, DataConfig(), {"prompt_response"}).overhead_tokens({"prompt_response"}) >= 8
+    assert Templater(tok, DataConfig(), {"text"}).overhead_tokens({"text"}) == 1
 
 
 def test_eos_is_appended_after_the_answer_when_the_template_has_none(tok):
