@@ -358,8 +358,8 @@ def _convert(tp, value, dotted: str, problems: list[str]) -> tuple[bool, Any]:
             ok, converted = _convert(arm, value, dotted, scratch)
             if ok and not scratch:
                 return True, converted
-            if isinstance(value, dict) and dataclasses.is_dataclass(arm):
-                problems.extend(scratch)  # a mapping meant this section: its own problems say more
+            if isinstance(value, dict) and (dataclasses.is_dataclass(arm) or typing.get_origin(arm) is dict):
+                problems.extend(scratch)  # a mapping was meant for this arm: its own problems say more
                 return False, None
     elif origin is Literal:
         if value in typing.get_args(tp) and not isinstance(value, bool):
