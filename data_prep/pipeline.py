@@ -35,12 +35,15 @@ DROP_REASONS = ("bad_row", "empty_field", "duplicate", "too_long", "no_supervise
 NON_OUTPUT_SETTINGS = ("output_dir", "num_proc", "map_batch_size")
 
 
-def prepare(cfg, tokenizer_path: str, force: bool = False) -> dict:
-    """Prepare ``cfg.sources`` (a DataConfig) into shards under ``cfg.output_dir``; returns the manifest."""
+def prepare(cfg, tokenizer_path: str, force: bool = False, revision: str | None = None) -> dict:
+    """Prepare ``cfg.sources`` (a DataConfig) into shards under ``cfg.output_dir``; returns the manifest.
+
+    ``revision`` (model.revision) pins a hub model's tokenizer to a branch, tag or commit.
+    """
     out_dir = Path(cfg.output_dir)
-    tokenizer = load_tokenizer(tokenizer_path)
+    tokenizer = load_tokenizer(tokenizer_path, revision)
     sources = expand_sources(cfg.sources)
-    key_parts = cache_key_parts(cfg, sources, tokenizer, tokenizer_path)
+    key_parts = cache_key_parts(cfg, sources, tokenizer, tokenizer_path, revision)
     cache_key = _sha256_json(key_parts)
     existing = _complete_manifest(out_dir)
     if existing and existing.get("cache_key") == cache_key and not force:
@@ -49,7 +52,7 @@ def prepare(cfg, tokenizer_path: str, force: bool = False) -> dict:
         return existing
     work = make_work_dir(out_dir)
     try:
-        manifest, report = _build(cfg, tokenizer, tokenizer_path, sources, key_parts, cache_key, work)
+        manifest, report = _build(cfg, tokenizer, (tokenizer_path, revision), sources, key_parts, cache_key, work)
         shutil.rmtree(work / "_cache", ignore_errors=True)
         publish(work, out_dir)
     except BaseException:
@@ -59,12 +62,12 @@ def prepare(cfg, tokenizer_path: str, force: bool = False) -> dict:
     return manifest
 
 
-def load_tokenizer(path: str):
+def load_tokenizer(path: str, revision: str | None = None):
     """The fast tokenizer of model.name_or_path (a DataError when it cannot be loaded or is not fast)."""
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path, revision=revision)
     except Exception as exc:  # noqa: BLE001 - any load failure is the user's path or files
         raise DataError(f"model.name_or_path {path!r}: cannot load its tokenizer ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0] if str(exc) else ''}); point it at a model folder or hub name "
@@ -79,7 +82,7 @@ def _sha256_json(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
-def cache_key_parts(cfg, sources: list[Source], tokenizer, tokenizer_path: str) -> dict:
+def cache_key_parts(cfg, sources: list[Source], tokenizer, tokenizer_path: str, revision: str | None = None) -> dict:
     """Everything the output depends on: input bytes, tokenizer, template and prep settings."""
     inputs = [{"path": str(p), "bytes": p.stat().st_size, "sha256": sha256_files([p])}
               for src in sources for p in src.files()]
@@ -89,11 +92,12 @@ def cache_key_parts(cfg, sources: list[Source], tokenizer, tokenizer_path: str) 
         json.dumps(tokenizer.chat_template, sort_keys=True)
     return {
         "pipeline_version": PIPELINE_VERSION, "format_version": FORMAT_VERSION, "inputs": inputs,
-        "tokenizer": {"name_or_path": str(tokenizer_path), "vocab_size": len(tokenizer),
+        "tokenizer": {"name_or_path": str(tokenizer_path), "revision": revision, "vocab_size": len(tokenizer),
                       "hash": tokenizer_hash(tokenizer),
                       "backend_sha256": hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()},
         "template": {"kind": cfg.template, "format_string": cfg.format_string, "train_on_prompt": cfg.train_on_prompt,
                      "system_prompt": cfg.system_prompt,
+                     "chat_template": cfg.chat_template,
                      "chat_template_hash": hashlib.sha256((chat_template or "").encode()).hexdigest()},
         "settings": settings,
     }
@@ -228,7 +232,7 @@ def _write_split(cfg, tok, work: Path, split: str, doc_idx: np.ndarray, lengths:
             "packing_efficiency": round(packing_efficiency(tokens, len(sequences), cfg.seq_len), 6), "shards": shards}
 
 
-def _build(cfg, tokenizer, tokenizer_path, sources, key_parts, cache_key, work: Path) -> tuple[dict, dict]:
+def _build(cfg, tokenizer, model_ref: tuple, sources, key_parts, cache_key, work: Path) -> tuple[dict, dict]:
     cache = work / "_cache"
     templaters: list[Templater] = []
     ds, kinds = read_and_clean(cfg, sources, cache, cache_key[:16],
@@ -260,7 +264,7 @@ def _build(cfg, tokenizer, tokenizer_path, sources, key_parts, cache_key, work: 
     facts = report_mod.Facts(
         kind=kind, seq_len=cfg.seq_len, raw_lengths=column(tok, "n_tokens_raw"),
         overlap=cross_split_overlap(column(docs, "_phash"), split_kept),
-        prefix_hashes=column(docs, "_pprefix"), params=report_mod.count_params(tokenizer_path),
+        prefix_hashes=column(docs, "_pprefix"), params=report_mod.count_params(*model_ref),
         near_hashes=column(docs, "_nhash")[final], cleaning_steps=cleaning_steps(cfg),
         special_text_rows=int(column(tok, "special_text").sum()),
         sources=_source_counts(ds, column(docs, "_src")[final], sources, kinds))
@@ -295,7 +299,8 @@ def _manifest(cfg, key_parts: dict, cache_key: str, splits: dict, kind: str, sou
               kinds: list[str]) -> dict:
     tokens = sum(s["tokens"] for s in splits.values())
     sequences = sum(s["sequences"] for s in splits.values())
-    template = {k: key_parts["template"][k] for k in ("format_string", "train_on_prompt", "chat_template_hash")}
+    template = {k: key_parts["template"][k] for k in ("format_string", "train_on_prompt", "chat_template",
+                                                      "chat_template_hash")}
     template["kind"] = "text" if kind == "text" else cfg.template
     return {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "cache_key": cache_key,
@@ -304,6 +309,6 @@ def _manifest(cfg, key_parts: dict, cache_key: str, splits: dict, kind: str, sou
         "packing_efficiency": round(packing_efficiency(tokens, sequences, cfg.seq_len), 6),
         "record_type": kind,
         "sources": [{"path": str(src.path), "record_type": k} for src, k in zip(sources, kinds)],
-        "tokenizer": {k: key_parts["tokenizer"][k] for k in ("name_or_path", "vocab_size", "hash")},
+        "tokenizer": {k: key_parts["tokenizer"][k] for k in ("name_or_path", "revision", "vocab_size", "hash")},
         "template": template, "settings": dataclasses.asdict(cfg), "inputs": key_parts["inputs"], "splits": splits,
     }

@@ -44,13 +44,13 @@ class Facts:
     sources: list | None = None  # per source: record type, rows read, documents, bad rows
 
 
-def count_params(model_path: str) -> int | None:
+def count_params(model_path: str, revision: str | None = None) -> int | None:
     """Parameters of the model in model_path's config.json, counted on the meta device (no weights loaded)."""
     try:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        config = AutoConfig.from_pretrained(model_path)
+        config = AutoConfig.from_pretrained(model_path, revision=revision)
         # The meta device allocates nothing; unlike accelerate's init_empty_weights it also keeps tied
         # embeddings tied, so they count once, as in the loaded model.
         with torch.device("meta"):

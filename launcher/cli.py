@@ -35,7 +35,7 @@ def cmd_prep(args) -> int:
     from data_prep.pipeline import prepare
 
     cfg = _load(args)
-    prepare(cfg.data, tokenizer_path=cfg.model.name_or_path, force=args.force)
+    prepare(cfg.data, tokenizer_path=cfg.model.name_or_path, force=args.force, revision=cfg.model.revision)
     return 0
 
 

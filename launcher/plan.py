@@ -90,13 +90,13 @@ class Plan:
 # --------------------------------------------------------------------------- model shape
 
 
-def model_shape(name_or_path: str, trust_remote_code: bool = False) -> ModelShape:
+def model_shape(name_or_path: str, trust_remote_code: bool = False, revision: str | None = None) -> ModelShape:
     """Count parameters of any causal LM from its config alone: weights are built on the meta device."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
-        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise PlanError(f"model.name_or_path {name_or_path!r}: cannot read its config.json ({first}); use a "
@@ -245,7 +245,7 @@ def make_plan(cfg, num_nodes: int = 1, gpus_per_node: int = 8, gpu_memory_gb: fl
     """Build the whole plan for a loaded RunConfig and the given hardware."""
     if min(num_nodes, gpus_per_node) < 1 or min(gpu_memory_gb, cpu_memory_gb) <= 0:
         raise PlanError("--nodes and --gpus-per-node must be >= 1, memory sizes > 0")
-    shape = model_shape(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    shape = model_shape(cfg.model.name_or_path, cfg.model.trust_remote_code, cfg.model.revision)
     mixed = cfg.train.precision != "fp32"
     stages = estimate_stages(shape, micro_batch=cfg.train.micro_batch_size, seq_len=cfg.data.seq_len,
                              checkpointing=cfg.model.gradient_checkpointing,

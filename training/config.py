@@ -42,6 +42,8 @@ class ModelConfig:
     """Which model to fine-tune and how to build it."""
 
     name_or_path: str = ""
+    # A hub model's branch, tag or commit (pins the tokenizer and weights a run uses); null: the default branch.
+    revision: Optional[str] = None
     attn_implementation: str = "sdpa"
     # "none", "full" (every layer) or "every_k" (every k-th layer, k = checkpoint_every_k_layers).
     gradient_checkpointing: Literal["none", "full", "every_k"] = "none"

@@ -160,7 +160,7 @@ def _model_with_weights(model_cfg, state: dict[str, torch.Tensor], dtype: torch.
     """The run's base model with the consolidated weights loaded, every parameter accounted for."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_cfg.name_or_path, dtype=dtype,
+    model = AutoModelForCausalLM.from_pretrained(model_cfg.name_or_path, revision=model_cfg.revision, dtype=dtype,
                                                  trust_remote_code=model_cfg.trust_remote_code)
     aliases = _tied_aliases(model)
     state = dict(state)
@@ -182,11 +182,12 @@ def _write_folder(model, model_cfg, folder: Path) -> None:
 
     model.config.use_cache = True  # training turned the cache off; generation wants it
     try:
-        model.generation_config = GenerationConfig.from_pretrained(model_cfg.name_or_path)
+        model.generation_config = GenerationConfig.from_pretrained(model_cfg.name_or_path, revision=model_cfg.revision)
     except OSError:
         model.generation_config = GenerationConfig.from_model_config(model.config)
     model.save_pretrained(folder, safe_serialization=True)
-    tokenizer = AutoTokenizer.from_pretrained(model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(model_cfg.name_or_path, revision=model_cfg.revision,
+                                              trust_remote_code=model_cfg.trust_remote_code)
     tokenizer.save_pretrained(folder)
 
 

@@ -52,7 +52,7 @@ def load_model(model_cfg, precision: str, ds_config: dict) -> nn.Module:
     hf_ds_config = _zero3_hf_config(ds_config)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            model_cfg.name_or_path, dtype=PRECISION_DTYPES[precision],
+            model_cfg.name_or_path, revision=model_cfg.revision, dtype=PRECISION_DTYPES[precision],
             attn_implementation=model_cfg.attn_implementation,
             trust_remote_code=model_cfg.trust_remote_code)
     except (ImportError, ValueError) as exc:

@@ -45,7 +45,7 @@ def validate_inputs(cfg: RunConfig, world_size: int):
     cfg.validate(world_size=world_size)
     manifest = load_manifest(cfg.data.output_dir)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path,
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path, revision=cfg.model.revision,
                                                   trust_remote_code=cfg.model.trust_remote_code)
     except (OSError, ValueError) as exc:
         raise DataError(f"model.name_or_path {cfg.model.name_or_path!r}: cannot load its tokenizer "
