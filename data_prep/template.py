@@ -198,6 +198,8 @@ class Templater:
             raise self._refuse(f"it has {len(blocks)} {{% generation %}} blocks for {len(assistant)} assistant turns")
         spans = []
         for i, (start, end) in zip(assistant, blocks):
+            if self.end_of_turn and full.startswith(self.end_of_turn, end):
+                end += len(self.end_of_turn)  # a block that stops short of the end-of-turn token
             span = self._cut_at_end_of_turn(full, start, end)
             self._check_content(full, span, messages[i], i)
             spans.append(span)

@@ -135,3 +135,17 @@ def test_template_that_cannot_be_masked_is_refused_with_an_override(family_toks,
     with pytest.raises(DataError, match=r"row 0: data\.chat_template .*rewrites\.jinja cannot be masked exactly.*"
                                         r"\{% generation %\}.*built-in 'qwen2\.5'"):
         tokenize_conversations(tok, DataConfig(chat_template=str(path)), [conversation()[:5]], tools=None)
+
+
+def test_generation_block_without_the_end_of_turn_token_still_trains_it(family_toks, tmp_path):
+    tok, fam = family_toks["qwen2.5"], FAMILIES["qwen2.5"]
+    path = tmp_path / "short_blocks.jinja"
+    path.write_text("{% for m in messages %}{% if m.role == 'assistant' %}{{ '<|im_start|>assistant\n' }}"
+                    "{% generation %}{{ m.content }}{% endgeneration %}{{ '<|im_end|>\n' }}"
+                    "{% else %}{{ '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>\n' }}{% endif %}"
+                    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    conv = [conversation()[0], conversation()[1], conversation()[4], conversation()[5], conversation()[6]]
+    templater, out = tokenize_conversations(tok, DataConfig(chat_template=str(path)), [conv], tools=None)
+    assert templater.generation
+    assert supervised_runs(tok, out["input_ids"][0], out["labels"][0]) == [fam["answer"](ANSWER_1),
+                                                                         fam["answer"](ANSWER_2)]

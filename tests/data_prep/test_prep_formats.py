@@ -128,3 +128,16 @@ def test_sources_with_their_own_settings_load_from_yaml():
         config_from_dict(raw, validate=False)
     assert "data.sources[1].record_typ: unknown key; did you mean 'data.sources[1].record_type'?" in str(info.value)
     assert "data.sources[1].sharegpt_roles.human: expected str, got int 3" in str(info.value)
+
+
+def test_revision_and_template_override_are_part_of_the_cache_key(tiny_model_dir, qa_csv, make_cfg):
+    from data_prep.pipeline import cache_key_parts, load_tokenizer
+    from data_prep.readers import expand_sources
+
+    cfg = make_cfg([qa_csv])
+    tok, sources = load_tokenizer(str(tiny_model_dir)), expand_sources(cfg.sources)
+    base = cache_key_parts(cfg, sources, tok, str(tiny_model_dir))
+    assert cache_key_parts(cfg, sources, tok, str(tiny_model_dir), "v1.0")["tokenizer"] != base["tokenizer"]
+    cfg.chat_template = "llama3"
+    assert cache_key_parts(cfg, sources, tok, str(tiny_model_dir))["template"]["chat_template_hash"] != \
+        base["template"]["chat_template_hash"]
