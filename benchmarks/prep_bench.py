@@ -1,6 +1,9 @@
 """Prep throughput and peak memory, on the bundled sample and on a synthetic enlargement of it.
 
 Run by hand (not a test):  python benchmarks/prep_bench.py [--scales 1 100] [--num-proc 1] [--seq-len 512]
+Before/after:  python benchmarks/prep_bench.py --scales 100 --baseline DIR [--pairs 3]
+(DIR: another checkout, e.g. `git worktree add /tmp/base main`; each pair runs the baseline's prep, then
+this checkout's, on the same data and tokenizer, and prints the ratios after/before.)
 
 Each case runs `prepare` in a fresh child process; this script samples the RSS of that process and all its
 children every 20 ms and reports the high-water mark (the sum over the tree), the wall time, and tokens/s
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -30,9 +34,9 @@ import json, sys, time
 from data_prep.config import DataConfig
 from data_prep.pipeline import prepare
 cfg = DataConfig(**json.loads(sys.argv[1]))
-t0 = time.perf_counter()
+t0, c0 = time.perf_counter(), time.process_time()
 m = prepare(cfg, sys.argv[2], force=True)
-print("RESULT", json.dumps({"seconds": time.perf_counter() - t0,
+print("RESULT", json.dumps({"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
       "tokens": sum(s["tokens"] for s in m["splits"].values()),
       "documents": sum(s["documents"] for s in m["splits"].values())}))
 """
@@ -58,11 +62,13 @@ def enlarge(src: Path, dst: Path, scale: int) -> int:
     return written
 
 
-def run_case(data: Path, model: Path, out: Path, seq_len: int, num_proc: int) -> dict:
-    """Prepare ``data`` in a child process; return its timing, tokens and the tree's peak RSS."""
+def run_case(data: Path, model: Path, out: Path, seq_len: int, num_proc: int, code_root: Path = REPO_ROOT) -> dict:
+    """Prepare ``data`` in a child process running the prep code of ``code_root``; return its timing (wall
+    and CPU seconds of the main process), tokens and the tree's peak RSS."""
     cfg = {"sources": [str(data)], "output_dir": str(out), "seq_len": seq_len, "prompt_column": "question",
            "response_column": "answer", "num_proc": num_proc, "validation_fraction": 0.1, "test_fraction": 0.1}
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(cfg), str(model)], cwd=REPO_ROOT,
+    env = {**os.environ, "PYTHONPATH": str(code_root)}
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(cfg), str(model)], cwd=code_root, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     peak_bytes, ps = 0, psutil.Process(proc.pid)
     while proc.poll() is None:
@@ -78,7 +84,25 @@ def run_case(data: Path, model: Path, out: Path, seq_len: int, num_proc: int) ->
     result = json.loads(next(l for l in stdout.splitlines() if l.startswith("RESULT"))[len("RESULT "):])
     result["peak_rss_mib"] = round(peak_bytes / 2**20, 1)
     result["tokens_per_s"] = round(result["tokens"] / result["seconds"])
+    result["tokens_per_cpu_s"] = round(result["tokens"] / result["cpu_seconds"])
     return result
+
+
+def compare(data: Path, model: Path, tmp: Path, args) -> None:
+    """Alternate baseline and this checkout on one data file; print each run and the after/before ratios."""
+    ratios = []
+    for pair in range(args.pairs):
+        runs = {}
+        for side, root in (("before", Path(args.baseline).resolve()), ("after", REPO_ROOT)):
+            runs[side] = r = run_case(data, model, tmp / f"out-{side}-{pair}", args.seq_len, args.num_proc, root)
+            print(f"pair {pair} {side:<6} tokens {r['tokens']:>9}  {r['seconds']:7.1f} s  {r['cpu_seconds']:7.1f} "
+                  f"CPU s  {r['tokens_per_s']:>8} tokens/s  {r['tokens_per_cpu_s']:>8} tokens/CPU-s  "
+                  f"peak RSS {r['peak_rss_mib']:7.1f} MiB", flush=True)
+        ratios.append((runs["after"]["tokens_per_s"] / runs["before"]["tokens_per_s"],
+                       runs["after"]["tokens_per_cpu_s"] / runs["before"]["tokens_per_cpu_s"]))
+    wall, cpu = sorted(r[0] for r in ratios), sorted(r[1] for r in ratios)
+    print(f"after/before, median (min-max) over {len(ratios)} pairs: tokens/s {wall[len(wall) // 2]:.3f} "
+          f"({wall[0]:.3f}-{wall[-1]:.3f}); tokens per CPU-second {cpu[len(cpu) // 2]:.3f} ({cpu[0]:.3f}-{cpu[-1]:.3f})")
 
 
 def main() -> None:
@@ -87,6 +111,8 @@ def main() -> None:
     parser.add_argument("--scales", type=int, nargs="+", default=[1, 100])
     parser.add_argument("--num-proc", type=int, default=1)
     parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--baseline", help="another checkout to compare against (before/after pairs)")
+    parser.add_argument("--pairs", type=int, default=3)
     args = parser.parse_args()
     sys.path.insert(0, str(REPO_ROOT))
     from training.tiny_model import write_tiny_model
@@ -95,6 +121,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model = write_tiny_model(tmp / "model", [str(SAMPLE)], vocab_size=2048, hidden_size=64, num_layers=2)
+        if args.baseline:
+            data = tmp / f"x{args.scales[-1]}.csv"
+            print(f"{enlarge(SAMPLE, data, args.scales[-1])} rows ({args.scales[-1]}x)", flush=True)
+            return compare(data, model, tmp, args)
         for scale in args.scales:
             data = tmp / f"x{scale}.csv"
             rows = enlarge(SAMPLE, data, scale)

@@ -11,7 +11,8 @@ Warning rules (each is a rough guard against a classic mistake, not a law):
     more than 20% of rows sharing their prompt's first 200 characters with another row (redundant context);
     any near-duplicate rows (equal to another kept row once case, spacing and punctuation are ignored; exact
     duplicates are already dropped, these are not);
-    an empty validation or test split although its fraction is above 0.
+    an empty validation or test split although its fraction is above 0; any bad row (dropped, with its
+    reason and location per source); any row whose data held a special-token string (kept as text).
 """
 
 from __future__ import annotations

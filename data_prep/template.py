@@ -110,7 +110,9 @@ class Templater:
 
     def render(self, record: dict) -> Rendered:
         """Template one canonical record; special-token strings in its data are kept as text."""
-        escaped, hit = self.special.escape({k: record[k] for k in ("messages", "tools", "text")})
+        escaped, hit = record, False
+        if self.special.find(_all_text(record)):  # one search over the row's text; rarely true
+            escaped, hit = self.special.escape({k: record[k] for k in ("messages", "tools", "text")})
         if not escaped["messages"]:
             text = escaped["text"]
             rendered = Rendered(text, [(0, len(text))], append_eos=True)
@@ -282,6 +284,13 @@ class Templater:
             if r.data_spans is not None:
                 out[i] = self.special.encode(r.text, r.data_spans, self.add_special_tokens or text_rows[i])
         return out
+
+
+def _all_text(record: dict) -> str:
+    parts = [record["text"], record["tools"]]
+    for turn in record["messages"]:
+        parts.extend((turn["content"], turn["tool_calls"], turn["name"], turn["tool_call_id"]))
+    return "\n".join(parts)
 
 
 def _common_prefix(a: str, b: str) -> str:
