@@ -99,3 +99,33 @@ def test_alpaca_input_joins_the_instruction():
 def test_first_occurrences_keeps_first_of_each():
     mask = first_occurrences(np.array([5, 3, 5, 7, 3]))
     assert mask.tolist() == [True, True, False, True, False]
+
+
+def test_sharegpt_function_call_and_observation_become_a_tool_call_and_its_result():
+    from data_prep.config import DEFAULT_SHAREGPT_ROLES
+
+    cols = Columns("sharegpt", {"messages": ("data.conversations_column", "c")}, DEFAULT_SHAREGPT_ROLES)
+    conv = [{"from": "human", "value": "Weather?"},
+            {"from": "function_call", "value": '{"name": "get_weather", "arguments": {"city": "Oslo"}}'},
+            {"from": "observation", "value": "-3 C"}, {"from": "gpt", "value": "It is -3 C."}]
+    out = clean_batch({"c": [conv]}, [0], columns=cols, src=SRC, src_id=0, normalize=KEEP)
+    assert out["_drop"] == [""]
+    turns = out["messages"][0]
+    assert [t["role"] for t in turns] == ["user", "assistant", "tool", "assistant"]
+    assert turns[1]["tool_calls"] == '[{"type": "function", "function": {"name": "get_weather", "arguments": ' \
+                                     '{"city": "Oslo"}}}]'
+
+
+@pytest.mark.parametrize("column,turn,kind", [("messages", {"from": "human", "value": "x"}, "sharegpt"),
+                                              ("conversations", {"role": "user", "content": "x"}, "messages"),
+                                              ("conversations", {"from": "gpt", "value": "x"}, "sharegpt")])
+def test_auto_tells_sharegpt_from_messages_by_the_first_turn(column, turn, kind):
+    import datasets
+
+    from data_prep.config import DataConfig
+    from data_prep.readers import resolve_columns, source_settings
+
+    ds = datasets.Dataset.from_list([{column: [turn]}, {column: [turn]}])
+    cfg = DataConfig(sources=["x.jsonl"])
+    cols = resolve_columns(ds, source_settings(cfg, 0), SRC)
+    assert cols.kind == kind and cols.names["messages"][1] == column
