@@ -277,6 +277,8 @@ class Templater:
         out: list = [None] * len(rendered)
         for add in (True, False):
             group = [i for i in plain if (self.add_special_tokens or text_rows[i]) == add]
+            if not group:
+                continue
             for i, enc in zip(group, self.backend.encode_batch([rendered[i].text for i in group],
                                                               add_special_tokens=add)):
                 out[i] = (enc.ids, enc.offsets)
