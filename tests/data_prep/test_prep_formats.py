@@ -141,3 +141,13 @@ def test_revision_and_template_override_are_part_of_the_cache_key(tiny_model_dir
     cfg.chat_template = "llama3"
     assert cache_key_parts(cfg, sources, tok, str(tiny_model_dir))["template"]["chat_template_hash"] != \
         base["template"]["chat_template_hash"]
+
+
+def test_opt_in_cleaning_runs_and_is_reported(tiny_model_dir, tmp_path, make_cfg):
+    rows = [{"text": f"  line {i}  \n\n\n\nnext {i}\t\n"} for i in range(12)]
+    cfg, manifest, report = _prepare(make_cfg, tiny_model_dir, [write_jsonl(tmp_path / "t.jsonl", rows)],
+                                     strip_whitespace=True, collapse_blank_lines=True)
+    assert report["cleaning"]["opt_in_steps"] == ["strip_whitespace", "collapse_blank_lines"]
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    texts = {tok.decode(ids.tolist()) for ids, _ in _documents(cfg.output_dir, manifest)}
+    assert texts == {f"line {i}\n\nnext {i}{tok.eos_token}" for i in range(12)}
