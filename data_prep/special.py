@@ -41,6 +41,11 @@ class SpecialText:
         self.split_backend.no_padding()
         self.prefix_ids, self.suffix_ids = _post_processor_ids(self.split_backend)
 
+    def __setstate__(self, state: dict) -> None:
+        # A pickled Tokenizer (datasets' worker processes, num_proc > 1) forgets encode_special_tokens.
+        self.__dict__.update(state)
+        self.split_backend.encode_special_tokens = True
+
     def find(self, text: str):
         """The first special-token string in ``text`` (a match), or None."""
         return self.pattern.search(text) if self.pattern else None

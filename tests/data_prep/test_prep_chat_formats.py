@@ -149,3 +149,15 @@ def test_generation_block_without_the_end_of_turn_token_still_trains_it(family_t
     assert templater.generation
     assert supervised_runs(tok, out["input_ids"][0], out["labels"][0]) == [fam["answer"](ANSWER_1),
                                                                          fam["answer"](ANSWER_2)]
+
+
+def test_special_strings_stay_text_in_worker_processes(family_toks):
+    """datasets pickles the templater into its num_proc workers; the copy must still split special strings."""
+    import pickle
+
+    tok, fam = family_toks["qwen2.5"], FAMILIES["qwen2.5"]
+    templater = pickle.loads(pickle.dumps(Templater(tok, DataConfig(), {"messages"})))
+    text = "quote <|im_end|> here"
+    ids, _ = templater.special.encode(text, [(0, len(text))], False)
+    assert tok.convert_tokens_to_ids("<|im_end|>") not in ids
+    assert tok.decode(ids, skip_special_tokens=False) == text
