@@ -102,7 +102,8 @@ def compare(data: Path, model: Path, tmp: Path, args) -> None:
                        runs["after"]["tokens_per_cpu_s"] / runs["before"]["tokens_per_cpu_s"]))
     wall, cpu = sorted(r[0] for r in ratios), sorted(r[1] for r in ratios)
     print(f"after/before, median (min-max) over {len(ratios)} pairs: tokens/s {wall[len(wall) // 2]:.3f} "
-          f"({wall[0]:.3f}-{wall[-1]:.3f}); tokens per CPU-second {cpu[len(cpu) // 2]:.3f} ({cpu[0]:.3f}-{cpu[-1]:.3f})")
+          f"({wall[0]:.3f}-{wall[-1]:.3f}); tokens per CPU-second {cpu[len(cpu) // 2]:.3f} "
+          f"({cpu[0]:.3f}-{cpu[-1]:.3f})")
 
 
 def main() -> None:

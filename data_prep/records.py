@@ -221,5 +221,7 @@ def to_record(row: dict, cols: Columns, normalize: Normalize) -> dict:
         turns = [_turn("user", text_of("prompt")), _turn("assistant", text_of("response"))]
     tools = _tools(get["tools"], normalize) if "tools" in names else ""
     if kind in ("messages", "sharegpt"):
+        # An empty system prompt (common in ShareGPT exports) means none, not an empty row.
+        turns = [t for t in turns if t["role"] != "system" or t["content"].strip()]
         check_conversation(turns)
     return {"messages": turns, "tools": tools, "text": ""}

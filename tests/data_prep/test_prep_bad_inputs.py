@@ -100,7 +100,8 @@ def test_auto_with_no_known_columns(tiny_model_dir, tmp_path, make_cfg):
 
 def test_empty_after_cleaning_prints_drop_counts(tiny_model_dir, tmp_path, make_cfg):
     path = _write(tmp_path / "qa.csv", b"question,answer\nWhat?,\nWhy?, \n,Because\n")
-    _expect_error(make_cfg([path]), tiny_model_dir, r"no training rows left .*3 rows read, dropped: bad_row 0, empty_field 3")
+    _expect_error(make_cfg([path]), tiny_model_dir,
+                  r"no training rows left .*3 rows read, dropped: bad_row 0, empty_field 3")
 
 
 def test_seq_len_smaller_than_template(tiny_model_dir, qa_csv, make_cfg):

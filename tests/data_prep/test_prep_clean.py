@@ -77,8 +77,9 @@ def test_bad_conversations_are_dropped_with_a_reason(reason):
 
 def test_sharegpt_roles_are_mapped():
     cols = Columns("sharegpt", {"messages": ("data.conversations_column", "c")},
-                   {"human": "user", "gpt": "assistant", "bot": "assistant"})
-    conv = [{"from": "human", "value": "Hi"}, {"from": "bot", "value": "Hello", "weight": 0},
+                   {"system": "system", "human": "user", "gpt": "assistant", "bot": "assistant"})
+    conv = [{"from": "system", "value": ""}, {"from": "human", "value": "Hi"},
+            {"from": "bot", "value": "Hello", "weight": 0},
             {"from": "human", "value": "More"}, {"from": "gpt", "value": "Sure"}]
     out = clean_batch({"c": [conv, [{"from": "narrator", "value": "x"}]]}, [0, 1], columns=cols, src=SRC,
                       src_id=0, normalize=KEEP)
