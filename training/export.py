@@ -26,7 +26,9 @@ import torch
 
 from training import checkpoint as ckpt
 from training.model import PRECISION_DTYPES
-from training.shard_writer import (DEFAULT_MAX_SHARD_SIZE, ShardReader, ShardWriter, TensorSpec, fsync_path,
+from training.best_weights import INFO_FILE as BEST_INFO_FILE
+from training.best_weights import complete_best
+from training.shard_writer import (DEFAULT_MAX_SHARD_SIZE, FolderWeights, ShardReader, ShardWriter, TensorSpec,
                                    parse_size, plan_shards, write_index)
 from training.streamed_model import skeleton, streamed_model, tied_aliases
 from training.zero_reader import PartitionError, ZeroWeights
@@ -52,7 +54,7 @@ class ExportResult:
 
     out_dir: Path
     tag: str
-    zero_stage: int
+    zero_stage: int | None  # None: the best weights (saved weights only), not a ZeRO checkpoint
     dtype: str
     num_params: int
     probe_relative_error: float
@@ -81,7 +83,7 @@ def export_checkpoint(run_dir: str | os.PathLike, out_dir: str | os.PathLike, ta
         max_shard_bytes = parse_size(max_shard_size)
     except ValueError as exc:
         raise ExportError(str(exc)) from None
-    stage = zero_stage(tag_dir)
+    stage = None if (tag_dir / BEST_INFO_FILE).is_file() else zero_stage(tag_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -99,7 +101,7 @@ def export_checkpoint(run_dir: str | os.PathLike, out_dir: str | os.PathLike, ta
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
-        fsync_path(out.parent)
+        ckpt.fsync_path(out.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -126,6 +128,8 @@ def resolve_checkpoint(ckpt_root: Path, tag: str | None) -> tuple[Path, list[str
             raise ExportError(f"{ckpt_root}: no complete checkpoint (none has both {ckpt.COMPLETE_MARKER} and "
                               f"{ckpt.STATE_FILE}); a save was interrupted or none has run yet")
         return ckpt_root / chosen, notes
+    if tag == "best" and (best := complete_best(ckpt_root)) is not None:
+        return best, []
     name = _read_pointer(ckpt_root, tag) if tag in ("latest", "best") else tag
     if not name:
         raise ExportError(f"--tag {tag}: {ckpt_root / tag} does not exist (no {tag} checkpoint recorded); "
@@ -167,7 +171,10 @@ def consolidated_state_dict(tag_dir: Path, stage: int) -> dict[str, torch.Tensor
     return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
 
 
-def _open_weights(tag_dir: Path, stage: int) -> ZeroWeights:
+def _open_weights(tag_dir: Path, stage: int | None) -> ZeroWeights | FolderWeights:
+    """The checkpoint's tensors: a ZeRO checkpoint's partitions, or a best-weights folder (stage None)."""
+    if stage is None:
+        return FolderWeights(tag_dir)
     try:
         return ZeroWeights(tag_dir, stage)
     except PartitionError as exc:
@@ -184,7 +191,7 @@ def _export_config(model_cfg, dtype: torch.dtype):
     return config
 
 
-def _planned_specs(weights: ZeroWeights, model: torch.nn.Module, model_cfg) -> list[TensorSpec]:
+def _planned_specs(weights: ZeroWeights | FolderWeights, model: torch.nn.Module, model_cfg) -> list[TensorSpec]:
     """One spec per tensor the folder will hold, in the model's order; the checkpoint must match it."""
     aliases = tied_aliases(model)
     dtype = next(model.parameters()).dtype
@@ -205,7 +212,7 @@ def _planned_specs(weights: ZeroWeights, model: torch.nn.Module, model_cfg) -> l
                        else weights.source_dtype(name)) for name, t in expected.items()]
 
 
-def _write_weights(weights: ZeroWeights, model: torch.nn.Module, model_cfg, max_shard_bytes: int,
+def _write_weights(weights: ZeroWeights | FolderWeights, model: torch.nn.Module, model_cfg, max_shard_bytes: int,
                    folder: Path) -> dict[str, list[TensorSpec]]:
     """Stream the checkpoint's tensors, converted to the model's dtype, into shards; returns the plan."""
     shards = plan_shards(_planned_specs(weights, model, model_cfg), max_shard_bytes)
@@ -235,15 +242,15 @@ def _write_extras(config, model_cfg, folder: Path) -> None:
 def _fsync_folder(folder: Path) -> None:
     for path in sorted(folder.iterdir()):
         if path.is_file():
-            fsync_path(path)
-    fsync_path(folder)
+            ckpt.fsync_path(path)
+    ckpt.fsync_path(folder)
 
 
 # --------------------------------------------------------------------------- verification
 
 
-def verify_export(folder: Path, weights: ZeroWeights, plan: dict[str, list[TensorSpec]], probe_path: Path,
-                  dtype: torch.dtype, tolerance: float) -> tuple[int, float]:
+def verify_export(folder: Path, weights: ZeroWeights | FolderWeights, plan: dict[str, list[TensorSpec]],
+                  probe_path: Path, dtype: torch.dtype, tolerance: float) -> tuple[int, float]:
     """Check the written folder tensor by tensor; returns (parameter count, probe relative error) or
     raises ExportError. Host RAM: two tensors at a time, then one module's weights for the probe."""
     reader = ShardReader(folder)

@@ -13,7 +13,8 @@ def cmd_export(args) -> int:
                                max_shard_size=args.max_shard_size)
     for note in result.notes:
         print(f"note: {note}")
-    print(f"exported checkpoint {result.tag} (ZeRO stage {result.zero_stage}) to {result.out_dir}: "
+    source = "best weights" if result.zero_stage is None else f"ZeRO stage {result.zero_stage}"
+    print(f"exported checkpoint {result.tag} ({source}) to {result.out_dir}: "
           f"{result.num_params:,} parameters in {result.dtype}, probe logits within "
           f"{result.probe_relative_error:.2g} of the trained model's")
     return 0

@@ -72,15 +72,6 @@ def plan_shards(specs: list[TensorSpec], max_shard_bytes: int) -> dict[str, list
     return {f"model-{i:05d}-of-{len(shards):05d}.safetensors": s for i, s in enumerate(shards, start=1)}
 
 
-def fsync_path(path: Path) -> None:
-    """Flush ``path`` (a file or a folder's entries) to stable storage."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class ShardWriter:
     """One safetensors file whose header is written up front; :meth:`add` the planned tensors in order."""
 
@@ -164,10 +155,39 @@ class ShardReader:
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """{name: shape} from the headers, without reading any data."""
+        return {name: shape for name, (shape, _) in self.headers().items()}
+
+    def headers(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """{name: (shape, dtype code such as BF16)} from the headers, without reading any data."""
         from safetensors import safe_open
 
-        shapes = {}
+        headers = {}
         for path in sorted(set(self.files.values())):
             with safe_open(str(path), framework="pt") as fh:
-                shapes.update({key: tuple(fh.get_slice(key).get_shape()) for key in fh.keys()})
-        return shapes
+                for key in fh.keys():
+                    piece = fh.get_slice(key)
+                    headers[key] = (tuple(piece.get_shape()), piece.get_dtype())
+        return headers
+
+
+class FolderWeights:
+    """A folder of safetensors shards read like :class:`training.zero_reader.ZeroWeights` (the best
+    weights, which export reads instead of a ZeRO checkpoint)."""
+
+    def __init__(self, folder: Path):
+        import torch
+
+        self._reader = ShardReader(folder)
+        headers = self._reader.headers()
+        codes = {code: getattr(torch, name.removeprefix("torch.")) for name, code in _DTYPE_CODES.items()}
+        self.shapes = {name: torch.Size(shape) for name, (shape, _) in headers.items()}
+        self._dtypes = {name: codes[code] for name, (_, code) in headers.items()}
+        self.shared: dict[str, str] = {}
+
+    def source_dtype(self, name: str) -> torch.dtype:
+        """The dtype the tensor is stored in."""
+        return self._dtypes[name]
+
+    def read(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` as stored."""
+        return self._reader.get(name)

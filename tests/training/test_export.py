@@ -134,11 +134,45 @@ def test_best_tag_and_dtype_override(zero2_run, tmp_path):
     best = export_checkpoint(zero2_run, tmp_path / "best", tag="best", dtype="bf16")
     latest = export_checkpoint(zero2_run, tmp_path / "latest")
     assert (best.tag, latest.tag) == ("step-00000002", "step-00000004")
+    assert (best.zero_stage, latest.zero_stage) == (None, 2), "best must come from the weights-only save"
     assert _saved_dtypes(tmp_path / "best") == {"torch.bfloat16"}
     assert _saved_dtypes(tmp_path / "latest") == {"torch.float32"}
     a = load_file(str(tmp_path / "best" / "model.safetensors"))
     b = load_file(str(tmp_path / "latest" / "model.safetensors"))
     assert any(not torch.equal(a[k].float(), b[k].float().to(torch.bfloat16).float()) for k in a)
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("run_name", ["zero0_run", "zero1_run", "zero2_run", "zero3_run"])
+def test_best_weights_loaded_back_give_the_best_logits(request, run_name):
+    """The step-2 best weights, loaded into the engine after step 4 (no optimizer state), give exactly the
+    probe logits the engine gave at step 2: same ranks, same kernels, same weights."""
+    run_dir = request.getfixturevalue(run_name)
+    ckpts = run_dir / "checkpoints"
+    at_best = load_file(str(ckpts / "best-weights" / "step-00000002" / "probe.safetensors"))["logits"]
+    at_end = load_file(str(ckpts / "step-00000004" / "probe.safetensors"))["logits"]
+    reloaded = load_file(str(run_dir / "best_reloaded_probe.safetensors"))["logits"]
+    assert not torch.allclose(at_end, at_best), "training did not move the weights: the test would prove nothing"
+    assert torch.equal(reloaded, at_best)
+
+
+@pytest.mark.dist
+def test_best_weights_are_weights_only_in_the_training_precision(zero3_run, tmp_path, capsys):
+    ckpts = zero3_run / "checkpoints"
+    best = ckpts / "best-weights" / "step-00000002"
+    assert (ckpts / "best").read_text().strip() == "step-00000002"
+    assert sorted(p.name for p in best.iterdir()) == ["COMPLETE", "best.json", "model.safetensors",
+                                                     "probe.safetensors"]
+    weights = load_file(str(best / "model.safetensors"))
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16}
+    params = sum(t.numel() for t in weights.values())
+    assert (best / "model.safetensors").stat().st_size < 2 * params + 8192
+    full = sum(p.stat().st_size for p in (ckpts / "step-00000002").iterdir())
+    assert full > 6 * (best / "model.safetensors").stat().st_size, "the full checkpoint is the heavy one"
+    assert zerotune(["export", str(zero3_run), "--tag", "best", "--out", str(tmp_path / "hf")]) == 0
+    assert "exported checkpoint step-00000002 (best weights)" in capsys.readouterr().out
+    exported = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    assert exported.keys() == weights.keys() and all(torch.equal(exported[k], weights[k]) for k in weights)
 
 
 @pytest.mark.dist
