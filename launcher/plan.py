@@ -16,8 +16,9 @@ parameters):
   * Logits: b*s*vocab fp32 values and their gradient: 8*b*s*vocab bytes.
   * Overhead: CUDA context, communication buckets and allocator fragmentation, stated as
     ``OVERHEAD_FIXED_GB`` plus ``OVERHEAD_FRACTION`` of everything else.
-  * Time: 6*P FLOPs per trained token (forward + backward; Kaplan et al. 2020) plus 12*layers*h*s for
-    attention (PaLM appendix B), at ``mfu`` of a stated peak (989 TFLOP/s dense bf16 on an H100 SXM).
+  * Time: 6*P FLOPs per trained token (forward + backward; Kaplan et al. 2020; P = active parameters of a
+    mixture of experts) plus 12*layers*h*s for attention (PaLM appendix B), at ``mfu`` of a stated peak
+    (989 TFLOP/s dense bf16 on an H100 SXM).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class ModelShape:
     num_heads: int
     vocab_size: int
     model_type: str
+    active_params: int = 0  # per token: a MoE model runs only its routed experts (dense: = params)
 
 
 @dataclass
@@ -110,7 +112,26 @@ def model_shape(name_or_path: str, trust_remote_code: bool = False) -> ModelShap
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     return ModelShape(params=params, largest_layer_params=largest, num_layers=text.num_hidden_layers,
                       hidden_size=text.hidden_size, num_heads=text.num_attention_heads,
-                      vocab_size=text.vocab_size, model_type=config.model_type)
+                      vocab_size=text.vocab_size, model_type=config.model_type,
+                      active_params=active_params(model, text, params))
+
+
+def active_params(model, text_config, params: int) -> int:
+    """Parameters one token runs through: all but the experts it is not routed to (top-k of E per MoE
+    block, from ``num_experts_per_tok`` and ``num_local_experts`` / ``num_experts`` / ``n_routed_experts``)."""
+    from training.model import moe_block_classes
+
+    classes = tuple(moe_block_classes(model))
+    if not classes:
+        return params
+    top_k = getattr(text_config, "num_experts_per_tok", None)
+    experts = next((getattr(text_config, k) for k in ("num_local_experts", "num_experts", "n_routed_experts")
+                    if getattr(text_config, k, None)), None)
+    if not top_k or not experts:
+        return params
+    expert_params = sum(p.numel() for m in model.modules() if isinstance(m, classes)
+                        for p in m.experts.parameters())
+    return params - expert_params + expert_params * top_k // experts
 
 
 # --------------------------------------------------------------------------- memory model
@@ -231,7 +252,8 @@ def batch_arithmetic(cfg, world_size: int, shape: ModelShape, peak_tflops: float
                    steps_per_epoch=steps_per_epoch)
     out["tokens_per_step"] = tokens_per_step
     out["total_steps"] = steps
-    flops_per_token = 6 * shape.params + 12 * shape.num_layers * shape.hidden_size * cfg.data.seq_len
+    flops_per_token = 6 * (shape.active_params or shape.params) + \
+        12 * shape.num_layers * shape.hidden_size * cfg.data.seq_len
     if steps is not None:
         seconds = steps * tokens_per_step * flops_per_token / (world_size * peak_tflops * 1e12 * mfu)
         out["estimated_seconds"] = seconds
@@ -264,7 +286,8 @@ def make_plan(cfg, num_nodes: int = 1, gpus_per_node: int = 8, gpu_memory_gb: fl
 def format_plan(plan: Plan) -> str:
     """The human-readable table."""
     m, hw, b = plan.model, plan.hardware, plan.batch
-    lines = [f"model: {m['model_type']}, {plan.params:,} parameters ({plan.params / 1e9:.2f} B), "
+    active = f", {m['active_params']:,} active per token" if m["active_params"] != plan.params else ""
+    lines = [f"model: {m['model_type']}, {plan.params:,} parameters ({plan.params / 1e9:.2f} B){active}, "
              f"{m['num_layers']} layers, hidden {m['hidden_size']}, vocab {m['vocab_size']}",
              f"hardware: {hw['nodes']} node(s) x {hw['gpus_per_node']} GPU(s), {hw['gpu_memory_gb']:g} GB per GPU, "
              f"{hw['cpu_memory_gb']:g} GB CPU per node", "",

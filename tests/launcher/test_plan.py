@@ -51,6 +51,27 @@ def test_param_count_from_config_only(tmp_path, name):
     assert shape.model_type == name
 
 
+MOE = {"model_type": "mixtral", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+       "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1000, "num_local_experts": 8,
+       "num_experts_per_tok": 2, "tie_word_embeddings": False}
+
+
+def test_moe_counts_total_and_active_parameters(tmp_path):
+    """Mixtral written out by hand: attention, router and norms always run; 2 of 8 experts per token."""
+    folder = tmp_path / "mixtral"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(MOE))
+    h, f, L, V, E = 64, 96, 2, 1000, 8
+    kv = 2 * (h // 4)
+    dense_per_layer = (2 * h * h + 2 * h * kv) + E * h + 2 * h  # attention, router, two norms
+    experts_per_layer = E * 3 * h * f
+    shape = model_shape(str(folder))
+    assert shape.params == L * (dense_per_layer + experts_per_layer) + 2 * V * h + h
+    assert shape.active_params == L * (dense_per_layer + experts_per_layer * 2 // E) + 2 * V * h + h
+    dense = model_shape(str(_write(tmp_path, "llama")))
+    assert dense.active_params == dense.params
+
+
 @pytest.mark.parametrize("params, largest, gpus, nodes", [
     (8_030_261_248, 525_336_576, 8, 1), (7_000_000_000, 500_000_000, 16, 2), (1_235_814_400, 262_668_288, 1, 1)])
 def test_model_states_match_deepspeed_estimators(params, largest, gpus, nodes):
