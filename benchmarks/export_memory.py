@@ -4,8 +4,8 @@
     python benchmarks/export_memory.py --layers 2 --hidden 128 --vocab 2048   # a quick smoke run
 
 For each size, a Llama-shaped random model (`zerotune tiny-model` shapes: hidden 1024, vocab 8000, 16 or
-32 layers) is trained 2 steps with ZeRO-3 (fp32) on 2 CPU ranks by training/train.py, which saves a
-checkpoint (cached in the work folder). Then, alternating, the export is run under `/usr/bin/time -v` with
+32 layers) is trained 2 steps with ZeRO-3 (fp32, or --train-precision bf16) on 2 CPU ranks by
+training/train.py, which saves a checkpoint (cached in the work folder). Then, alternating, the export is run under `/usr/bin/time -v` with
 the code of ``--before`` (default: the commit before the streaming export) and with this checkout, both
 ``--dtype bf16``. The training run's largest rank peak (also from `/usr/bin/time -v`, the maximum over the
 launcher's children) is printed too. Baseline: a process that only imports torch, transformers and
@@ -35,6 +35,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, nargs="+", default=[16, 32])
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--vocab", type=int, default=8000)
+    p.add_argument("--train-precision", choices=("fp32", "bf16"), default="fp32",
+                   help="precision of the 2 training steps (bf16 halves the training run's memory)")
+    p.add_argument("--ranks", type=int, default=2, help="training ranks (1 fits the larger model in less RAM)")
     p.add_argument("--pairs", type=int, default=1, help="before/after pairs per size")
     p.add_argument("--before", default=None, help="git revision of the 'before' export (default: the parent "
                                                   "of the commit that added training/zero_reader.py)")
@@ -42,9 +45,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def timed(cmd: list[str], env: dict, log: Path) -> dict:
-    """Run ``cmd`` under /usr/bin/time -v; its peak RSS (GB) and wall seconds."""
-    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=env, cwd=bl.REPO_ROOT)
+def timed(cmd: list[str], env: dict, log: Path, cwd: Path = bl.REPO_ROOT) -> dict:
+    """Run ``cmd`` in ``cwd`` under /usr/bin/time -v; its peak RSS (GB) and wall seconds. (``python -m``
+    puts the working directory first on sys.path: it decides which checkout's code runs.)"""
+    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=env, cwd=cwd)
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_text(proc.stdout + proc.stderr, encoding="utf-8")
     if proc.returncode != 0:
@@ -78,7 +82,8 @@ def trained_run(args, layers: int) -> tuple[Path, int, dict | None]:
         write_tiny_model(model, [str(bl.SAMPLE_CSV)], vocab_size=args.vocab, hidden_size=args.hidden,
                          num_layers=layers, seed=0)
     params = json.loads((model / "zerotune_tiny.json").read_text())["params"]
-    run = args.work / "runs" / "export-memory" / model.name
+    suffix = "" if args.ranks == 2 else f"-{args.ranks}ranks"
+    run = args.work / "runs" / "export-memory" / f"{model.name}-{args.train_precision}{suffix}"
     if (run / "checkpoints" / "latest").is_file():
         return run, params, None
     csv_path = bl.write_variable_sft_csv(args.work / "export-memory-sft.csv", rows=200)
@@ -88,9 +93,11 @@ def trained_run(args, layers: int) -> tuple[Path, int, dict | None]:
     config = bl.write_zerotune_config(run / "run.yaml", model=model, data_dir=data, manifest=manifest,
                                       output_dir=run, loop="sft", micro_batch_size=1, max_steps=2, lr=1e-4,
                                       warmup_steps=0, checkpoint_every_steps=2)
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(bl.free_port()), str(bl.TRAIN_SCRIPT),
-           "--config", str(config), "--set", "deepspeed.config=zero3.json"]
-    print(f"training {model.name} ({params / 1e6:.0f}M parameters) 2 steps with ZeRO-3 on 2 ranks", flush=True)
+    cmd = ["deepspeed", "--num_gpus", str(args.ranks), "--master_port", str(bl.free_port()), str(bl.TRAIN_SCRIPT),
+           "--config", str(config), "--set", "deepspeed.config=zero3.json",
+           "--set", f"train.precision={args.train_precision}"]
+    print(f"training {model.name} ({params / 1e6:.0f}M parameters) 2 steps with ZeRO-3 on {args.ranks} rank(s)",
+          flush=True)
     train = timed(cmd, bl.bench_env(), run / "train-time.log")
     return run, params, train
 
@@ -112,7 +119,7 @@ def main(argv=None) -> int:
                 side_env = {**env, "PYTHONPATH": str(tree)}
                 out = args.work / "exports" / f"{run.name}-{side}"
                 cmd = [sys.executable, "-m", "launcher.cli", "export", str(run), "--out", str(out), "--dtype", "bf16"]
-                figure = timed(cmd, side_env, args.work / "logs" / f"export-{run.name}-{side}-{pair}.log")
+                figure = timed(cmd, side_env, args.work / "logs" / f"export-{run.name}-{side}-{pair}.log", cwd=tree)
                 above = figure["peak_gb"] - baseline["peak_gb"]
                 figure["bytes_per_param_above_baseline"] = above * 1e9 / params
                 size[side].append(figure)

@@ -33,6 +33,12 @@ OVERHEAD_FRACTION = 0.10
 OFFLOAD_BUFFER_FACTOR = 1.5  # DeepSpeed's additional_buffer_factor default
 DEFAULT_PEAK_TFLOPS = 989.0
 DEFAULT_MFU = 0.40
+# Host RAM at the edges of a run (measured: benchmarks/RESULTS.md, "host memory at the edges of a run").
+IMPORT_BASELINE_GB = 0.3  # a process that has imported torch, transformers and deepspeed
+EXPORT_FIXED_GB = 0.3  # model classes, tokenizer, the 64 MiB shard read window, allocator slack
+# Export holds at most a few copies of the largest tensor at once: the fp32 source, its gather buffer, the
+# converted copy and its read-back (4 + 4 + 2 + 2 bytes per element).
+EXPORT_BYTES_PER_LARGEST_PARAM = 12
 # The order `deepspeed.zero_stage: auto` tries: fastest first.
 AUTO_ORDER = ((0, False), (1, False), (2, False), (3, False), (3, True))
 
@@ -84,6 +90,7 @@ class Plan:
     chosen: dict | None
     reason: str
     batch: dict = field(default_factory=dict)
+    host: dict = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -227,6 +234,35 @@ def _label(est: StageEstimate) -> str:
     return f"ZeRO-{est.stage}{' + CPU offload' if est.offload else ''}"
 
 
+# --------------------------------------------------------------------------- host memory
+
+
+def host_memory(shape: ModelShape, precision: str, stage: int, num_nodes: int, gpus_per_node: int,
+                cpu_memory_gb: float) -> dict:
+    """Host RAM a node needs to load the model at the start of training, and that ``zerotune export``
+    needs (one process, any stage), with a warning for each that exceeds ``cpu_memory_gb``.
+
+    Loading: every rank pays the import baseline and one gathered layer. Under ZeRO-3 transformers reads
+    the checkpoint on global rank 0 only (memory-mapped, all of it touched once) and each rank keeps its
+    partition; under stages 0-2 every rank materialises the whole model. Export streams (training.export):
+    a fixed cost plus a few copies of the largest tensor, whatever the model's size.
+    """
+    width = 4 if precision == "fp32" else 2
+    world = num_nodes * gpus_per_node
+    per_rank = IMPORT_BASELINE_GB * GB + width * shape.largest_layer_params
+    if stage == 3:
+        loading = gpus_per_node * per_rank + width * shape.params + gpus_per_node * width * shape.params / world
+    else:
+        loading = gpus_per_node * (per_rank + width * shape.params)
+    export = (IMPORT_BASELINE_GB + EXPORT_FIXED_GB) * GB + EXPORT_BYTES_PER_LARGEST_PARAM * shape.largest_layer_params
+    out = {"loading_gb_per_node": round(loading / GB, 2), "export_gb": round(export / GB, 2), "warnings": []}
+    for what, need in (("loading the model (ZeRO-%d, rank 0's node)" % stage, out["loading_gb_per_node"]),
+                       ("zerotune export", out["export_gb"])):
+        if need > cpu_memory_gb:
+            out["warnings"].append(f"{what} needs ~{need:.1f} GB of host RAM > --cpu-memory-gb {cpu_memory_gb:g}")
+    return out
+
+
 # --------------------------------------------------------------------------- batch arithmetic and time
 
 
@@ -279,8 +315,10 @@ def make_plan(cfg, num_nodes: int = 1, gpus_per_node: int = 8, gpu_memory_gb: fl
     hardware = {"nodes": num_nodes, "gpus_per_node": gpus_per_node, "gpu_memory_gb": gpu_memory_gb,
                 "cpu_memory_gb": cpu_memory_gb}
     batch = batch_arithmetic(cfg, num_nodes * gpus_per_node, shape, peak_tflops, mfu)
+    host = host_memory(shape, cfg.train.precision, chosen["stage"] if chosen else 3, num_nodes, gpus_per_node,
+                       cpu_memory_gb)
     return Plan(model=asdict(shape), hardware=hardware, params=shape.params, stages=stages, chosen=chosen,
-                reason=reason, batch=batch)
+                reason=reason, batch=batch, host=host)
 
 
 def format_plan(plan: Plan) -> str:
@@ -297,7 +335,9 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"{_label(s):<22}{s.model_states_gb:>9.2f}{s.activations_gb:>9.2f}{s.logits_gb:>9.2f}"
                      f"{s.overhead_gb:>9.2f}{s.total_gb:>9.2f}{s.cpu_gb_per_node:>10.1f}  {'yes' if s.fits else 'no'}")
     lines += ["(GB per GPU; overhead = %.1f GB + %d%% of the rest)" % (OVERHEAD_FIXED_GB, OVERHEAD_FRACTION * 100),
-              "", f"chosen: {plan.reason}", "",
+              "", f"chosen: {plan.reason}",
+              f"host RAM: loading ~{plan.host['loading_gb_per_node']:.1f} GB per node, export "
+              f"~{plan.host['export_gb']:.1f} GB", *[f"warning: {w}" for w in plan.host["warnings"]], "",
               f"batch: {b['sequences_per_step']} sequences per optimizer step "
               f"(micro x accumulation x {b['world_size']} ranks), ~{b['tokens_per_step']:,} tokens per step"]
     if "steps_per_epoch" in b:

@@ -200,3 +200,31 @@ def test_unreadable_model_config_is_one_line(tmp_path, capsys):
     assert main(["plan", str(cfg)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "model.name_or_path" in err and "config.json" in err
+
+
+def test_host_memory_for_loading_and_export_and_its_warnings(tmp_path, capsys):
+    from launcher.cli import main
+    from launcher.plan import (EXPORT_BYTES_PER_LARGEST_PARAM, EXPORT_FIXED_GB, GB, IMPORT_BASELINE_GB,
+                               host_memory)
+
+    shape = model_shape(str(_write(tmp_path, "llama")))
+    P, L = shape.params, shape.largest_layer_params
+    zero3 = host_memory(shape, "bf16", 3, num_nodes=2, gpus_per_node=4, cpu_memory_gb=1024)
+    # 4 ranks per node: baseline + a gathered layer each; rank 0 reads the checkpoint; 4 partitions of 1/8.
+    expected = 4 * (IMPORT_BASELINE_GB * GB + 2 * L) + 2 * P + 4 * 2 * P / 8
+    assert zero3["loading_gb_per_node"] == round(expected / GB, 2)
+    zero2 = host_memory(shape, "bf16", 2, num_nodes=2, gpus_per_node=4, cpu_memory_gb=1024)
+    assert zero2["loading_gb_per_node"] == round(4 * (IMPORT_BASELINE_GB * GB + 2 * L + 2 * P) / GB, 2)
+    export = (IMPORT_BASELINE_GB + EXPORT_FIXED_GB) * GB + EXPORT_BYTES_PER_LARGEST_PARAM * L
+    assert zero3["export_gb"] == zero2["export_gb"] == round(export / GB, 2) and zero3["warnings"] == []
+    tight = host_memory(shape, "bf16", 3, num_nodes=1, gpus_per_node=8, cpu_memory_gb=0.5)
+    assert len(tight["warnings"]) == 2 and "zerotune export needs" in tight["warnings"][1]
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"output_dir: {tmp_path / 'run'}\nmodel: {{name_or_path: {tmp_path / 'llama'}}}\n"
+                   f"data: {{sources: [x.csv], output_dir: {tmp_path / 'prep'}}}\n"
+                   "deepspeed: {config: zero3.json, zero_stage: 3}\n")
+    assert main(["plan", str(cfg), "--cpu-memory-gb", "0.5"]) == 0
+    table = capsys.readouterr().out
+    assert "host RAM: loading ~" in table and "warning: zerotune export needs" in table
+    assert "warning: loading the model (ZeRO-3" in table
