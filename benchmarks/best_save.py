@@ -48,7 +48,7 @@ def rank_main(args) -> None:
     import torch
 
     from training import checkpoint as ckpt
-    from training.best_weights import best_folder, save_best_weights
+    from training.best_weights import save_best_weights
     from training.config import ModelConfig
     from training.model import load_model
 
@@ -96,13 +96,8 @@ def main(argv=None) -> int:
         return 0
     import benchlib as bl
 
-    from training.tiny_model import write_tiny_model
-
-    model = args.work / f"model-h{args.hidden}-l{args.layers}-v{args.vocab}"
-    if not (model / "config.json").is_file():
-        write_tiny_model(model, [str(bl.SAMPLE_CSV)], vocab_size=args.vocab, hidden_size=args.hidden,
-                         num_layers=args.layers, seed=0)
-    params = json.loads((model / "zerotune_tiny.json").read_text())["params"]
+    model = bl.model_dir(args.work, args.hidden, args.layers, args.vocab)
+    params = bl.model_params(model)
     log = args.work / "logs" / f"best-save-{model.name}-{args.precision}.log"
     bl.launch(f"best-save {model.name}", Path(__file__),
               ["--rank-model", str(model), "--precision", args.precision, "--pairs", str(args.pairs)],

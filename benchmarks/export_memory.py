@@ -16,7 +16,6 @@ less than 25% above the smaller one's.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import subprocess
 import sys
@@ -75,13 +74,8 @@ def before_tree(args) -> Path:
 
 def trained_run(args, layers: int) -> tuple[Path, int, dict | None]:
     """A run dir with a ZeRO-3 checkpoint after 2 steps (cached); its parameter count and training peak."""
-    model = args.work / f"model-h{args.hidden}-l{layers}-v{args.vocab}"
-    if not (model / "config.json").is_file():
-        from training.tiny_model import write_tiny_model
-
-        write_tiny_model(model, [str(bl.SAMPLE_CSV)], vocab_size=args.vocab, hidden_size=args.hidden,
-                         num_layers=layers, seed=0)
-    params = json.loads((model / "zerotune_tiny.json").read_text())["params"]
+    model = bl.model_dir(args.work, args.hidden, layers, args.vocab)
+    params = bl.model_params(model)
     suffix = "" if args.ranks == 2 else f"-{args.ranks}ranks"
     run = args.work / "runs" / "export-memory" / f"{model.name}-{args.train_precision}{suffix}"
     if (run / "checkpoints" / "latest").is_file():

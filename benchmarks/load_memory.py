@@ -69,14 +69,9 @@ def main(argv=None) -> int:
         return 0
     import benchlib as bl
 
-    from training.tiny_model import write_tiny_model
-
     for layers in args.layers:
-        model = args.work / f"model-h{args.hidden}-l{layers}-v{args.vocab}"
-        if not (model / "config.json").is_file():
-            write_tiny_model(model, [str(bl.SAMPLE_CSV)], vocab_size=args.vocab, hidden_size=args.hidden,
-                             num_layers=layers, seed=0)
-        params = json.loads((model / "zerotune_tiny.json").read_text())["params"]
+        model = bl.model_dir(args.work, args.hidden, layers, args.vocab)
+        params = bl.model_params(model)
         log = args.work / "logs" / f"load-{model.name}-{args.precision}.log"
         bl.launch(f"load {model.name}", Path(__file__), ["--rank-model", str(model), "--precision", args.precision],
                   log, pattern=NO_STEPS)
