@@ -221,6 +221,8 @@ def _moe_model(tiny_model_dir: Path, out: Path, kind: str) -> Path:
 def test_moe_trains_under_zero3_and_exports(deepspeed_bin, tiny_model_dir, prepared, tmp_path, kind):
     """Routing sends each rank's tokens to different experts; with the MoE blocks as ZeRO-3 leaves both
     ranks gather the same parameters, train 10 steps, and the checkpoint exports and verifies."""
+    import torch
+    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     from launcher.cli import main as zerotune
@@ -235,6 +237,9 @@ def test_moe_trains_under_zero3_and_exports(deepspeed_bin, tiny_model_dir, prepa
     assert zerotune(["export", str(out), "--out", str(tmp_path / "hf")]) == 0
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     assert type(exported).__name__ == type(AutoModelForCausalLM.from_pretrained(model)).__name__
+    written, loaded = load_file(str(tmp_path / "hf" / "model.safetensors")), exported.state_dict()
+    assert written.keys() == loaded.keys(), "transformers did not take the expert tensors as written"
+    assert all(torch.equal(written[name], loaded[name]) for name in written)
 
 
 def test_tensorboard_holds_the_documented_tags(reference):
@@ -428,6 +433,11 @@ def test_user_loop_by_import_path_and_early_stopping(deepspeed_bin, tiny_model_d
     assert results["stopped_early"] is True and results["steps"] == 6, results
     assert results["best_tag"] == "step-00000002"
     assert "early stopping at step 6" in proc.stdout
+    # The test split ran on the best evaluation's weights, which were saved weights-only: no full checkpoint.
+    assert results["test_weights_tag"] == "step-00000002"
+    ckpts = out / "checkpoints"
+    assert (ckpts / "best-weights" / "step-00000002" / "COMPLETE").is_file()
+    assert not (ckpts / "step-00000002").exists() and (ckpts / "best").read_text().strip() == "step-00000002"
 
 
 def test_a_loop_that_miscounts_stops_every_rank_before_saving(deepspeed_bin, tiny_model_dir, prepared, tmp_path):
