@@ -52,15 +52,20 @@ PEER_STEP = re.compile(r"^benchstep (\d+)\b")
 # --------------------------------------------------------------------------- workspace and data
 
 
-def model_dir(work: Path, hidden_size: int = 256, num_layers: int = 4) -> Path:
+def model_dir(work: Path, hidden_size: int = 256, num_layers: int = 4, vocab_size: int = 2048) -> Path:
     """The benchmark model: a random-init Llama (tokenizer trained on the bundled sample), built once."""
     from training.tiny_model import write_tiny_model
 
-    out = work / f"model-h{hidden_size}-l{num_layers}"
+    out = work / f"model-h{hidden_size}-l{num_layers}{'' if vocab_size == 2048 else f'-v{vocab_size}'}"
     if not (out / "config.json").is_file():
-        write_tiny_model(out, [str(SAMPLE_CSV)], vocab_size=2048, hidden_size=hidden_size,
+        write_tiny_model(out, [str(SAMPLE_CSV)], vocab_size=vocab_size, hidden_size=hidden_size,
                          num_layers=num_layers, seed=0)
     return out
+
+
+def model_params(model: Path) -> int:
+    """Parameters of a model written by :func:`model_dir` (recorded beside it by ``zerotune tiny-model``)."""
+    return json.loads((model / "zerotune_tiny.json").read_text(encoding="utf-8"))["params"]
 
 
 def _sample_rows() -> list[dict]:

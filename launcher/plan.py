@@ -16,8 +16,9 @@ parameters):
   * Logits: b*s*vocab fp32 values and their gradient: 8*b*s*vocab bytes.
   * Overhead: CUDA context, communication buckets and allocator fragmentation, stated as
     ``OVERHEAD_FIXED_GB`` plus ``OVERHEAD_FRACTION`` of everything else.
-  * Time: 6*P FLOPs per trained token (forward + backward; Kaplan et al. 2020) plus 12*layers*h*s for
-    attention (PaLM appendix B), at ``mfu`` of a stated peak (989 TFLOP/s dense bf16 on an H100 SXM).
+  * Time: 6*P FLOPs per trained token (forward + backward; Kaplan et al. 2020; P = active parameters of a
+    mixture of experts) plus 12*layers*h*s for attention (PaLM appendix B), at ``mfu`` of a stated peak
+    (989 TFLOP/s dense bf16 on an H100 SXM).
 """
 
 from __future__ import annotations
@@ -32,6 +33,16 @@ OVERHEAD_FRACTION = 0.10
 OFFLOAD_BUFFER_FACTOR = 1.5  # DeepSpeed's additional_buffer_factor default
 DEFAULT_PEAK_TFLOPS = 989.0
 DEFAULT_MFU = 0.40
+# Host RAM at the edges of a run (measured: benchmarks/RESULTS.md, "host memory at the edges of a run").
+IMPORT_BASELINE_GB = 0.3  # a process that has imported torch, transformers and deepspeed
+EXPORT_FIXED_GB = 0.3  # model classes, tokenizer, the 64 MiB shard read window, allocator slack
+# Loading (transformers from_pretrained, ZeRO-3 or not) peaked at ~1.2 copies of the whole model in the
+# training precision on EVERY rank (measured: 182M bf16, 2 ranks, rank 1 +0.44 GB for a 0.36 GB model),
+# and global rank 0 also maps the whole checkpoint file. Not yet the partition plus one layer it should be.
+LOAD_MODEL_COPIES_PER_RANK = 1.25
+# Export holds at most a few copies of the largest tensor at once: the fp32 source, its gather buffer, the
+# converted copy and its read-back (4 + 4 + 2 + 2 bytes per element).
+EXPORT_BYTES_PER_LARGEST_PARAM = 12
 # The order `deepspeed.zero_stage: auto` tries: fastest first.
 AUTO_ORDER = ((0, False), (1, False), (2, False), (3, False), (3, True))
 
@@ -53,6 +64,7 @@ class ModelShape:
     num_heads: int
     vocab_size: int
     model_type: str
+    active_params: int = 0  # per token: a MoE model runs only its routed experts (dense: = params)
 
 
 @dataclass
@@ -82,6 +94,7 @@ class Plan:
     chosen: dict | None
     reason: str
     batch: dict = field(default_factory=dict)
+    host: dict = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -110,7 +123,26 @@ def model_shape(name_or_path: str, trust_remote_code: bool = False, revision: st
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     return ModelShape(params=params, largest_layer_params=largest, num_layers=text.num_hidden_layers,
                       hidden_size=text.hidden_size, num_heads=text.num_attention_heads,
-                      vocab_size=text.vocab_size, model_type=config.model_type)
+                      vocab_size=text.vocab_size, model_type=config.model_type,
+                      active_params=active_params(model, text, params))
+
+
+def active_params(model, text_config, params: int) -> int:
+    """Parameters one token runs through: all but the experts it is not routed to (top-k of E per MoE
+    block, from ``num_experts_per_tok`` and ``num_local_experts`` / ``num_experts`` / ``n_routed_experts``)."""
+    from training.model import moe_block_classes
+
+    classes = tuple(moe_block_classes(model))
+    if not classes:
+        return params
+    top_k = getattr(text_config, "num_experts_per_tok", None)
+    experts = next((getattr(text_config, k) for k in ("num_local_experts", "num_experts", "n_routed_experts")
+                    if getattr(text_config, k, None)), None)
+    if not top_k or not experts:
+        return params
+    expert_params = sum(p.numel() for m in model.modules() if isinstance(m, classes)
+                        for p in m.experts.parameters())
+    return params - expert_params + expert_params * top_k // experts
 
 
 # --------------------------------------------------------------------------- memory model
@@ -206,6 +238,31 @@ def _label(est: StageEstimate) -> str:
     return f"ZeRO-{est.stage}{' + CPU offload' if est.offload else ''}"
 
 
+# --------------------------------------------------------------------------- host memory
+
+
+def host_memory(shape: ModelShape, precision: str, stage: int, gpus_per_node: int, cpu_memory_gb: float) -> dict:
+    """Host RAM a node needs to load the model at the start of training, and that ``zerotune export``
+    needs (one process, any stage), with a warning for each that exceeds ``cpu_memory_gb``.
+
+    Loading, as measured (LOAD_MODEL_COPIES_PER_RANK): every rank pays the import baseline and ~1.25
+    copies of the model in the training precision, and the node of global rank 0 also holds the checkpoint
+    it reads (assumed stored in the training precision). Export streams (training.export): a fixed cost
+    plus a few copies of the largest tensor, whatever the model's size. ``stage`` names the stage in the
+    warning; loading costs the same at every stage today.
+    """
+    width = 4 if precision == "fp32" else 2
+    per_rank = IMPORT_BASELINE_GB * GB + LOAD_MODEL_COPIES_PER_RANK * width * shape.params
+    loading = gpus_per_node * per_rank + width * shape.params
+    export = (IMPORT_BASELINE_GB + EXPORT_FIXED_GB) * GB + EXPORT_BYTES_PER_LARGEST_PARAM * shape.largest_layer_params
+    out = {"loading_gb_per_node": round(loading / GB, 2), "export_gb": round(export / GB, 2), "warnings": []}
+    for what, need in (("loading the model (ZeRO-%d, rank 0's node)" % stage, out["loading_gb_per_node"]),
+                       ("zerotune export", out["export_gb"])):
+        if need > cpu_memory_gb:
+            out["warnings"].append(f"{what} needs ~{need:.1f} GB of host RAM > --cpu-memory-gb {cpu_memory_gb:g}")
+    return out
+
+
 # --------------------------------------------------------------------------- batch arithmetic and time
 
 
@@ -231,7 +288,8 @@ def batch_arithmetic(cfg, world_size: int, shape: ModelShape, peak_tflops: float
                    steps_per_epoch=steps_per_epoch)
     out["tokens_per_step"] = tokens_per_step
     out["total_steps"] = steps
-    flops_per_token = 6 * shape.params + 12 * shape.num_layers * shape.hidden_size * cfg.data.seq_len
+    flops_per_token = 6 * (shape.active_params or shape.params) + \
+        12 * shape.num_layers * shape.hidden_size * cfg.data.seq_len
     if steps is not None:
         seconds = steps * tokens_per_step * flops_per_token / (world_size * peak_tflops * 1e12 * mfu)
         out["estimated_seconds"] = seconds
@@ -257,14 +315,16 @@ def make_plan(cfg, num_nodes: int = 1, gpus_per_node: int = 8, gpu_memory_gb: fl
     hardware = {"nodes": num_nodes, "gpus_per_node": gpus_per_node, "gpu_memory_gb": gpu_memory_gb,
                 "cpu_memory_gb": cpu_memory_gb}
     batch = batch_arithmetic(cfg, num_nodes * gpus_per_node, shape, peak_tflops, mfu)
+    host = host_memory(shape, cfg.train.precision, chosen["stage"] if chosen else 3, gpus_per_node, cpu_memory_gb)
     return Plan(model=asdict(shape), hardware=hardware, params=shape.params, stages=stages, chosen=chosen,
-                reason=reason, batch=batch)
+                reason=reason, batch=batch, host=host)
 
 
 def format_plan(plan: Plan) -> str:
     """The human-readable table."""
     m, hw, b = plan.model, plan.hardware, plan.batch
-    lines = [f"model: {m['model_type']}, {plan.params:,} parameters ({plan.params / 1e9:.2f} B), "
+    active = f", {m['active_params']:,} active per token" if m["active_params"] != plan.params else ""
+    lines = [f"model: {m['model_type']}, {plan.params:,} parameters ({plan.params / 1e9:.2f} B){active}, "
              f"{m['num_layers']} layers, hidden {m['hidden_size']}, vocab {m['vocab_size']}",
              f"hardware: {hw['nodes']} node(s) x {hw['gpus_per_node']} GPU(s), {hw['gpu_memory_gb']:g} GB per GPU, "
              f"{hw['cpu_memory_gb']:g} GB CPU per node", "",
@@ -274,7 +334,9 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"{_label(s):<22}{s.model_states_gb:>9.2f}{s.activations_gb:>9.2f}{s.logits_gb:>9.2f}"
                      f"{s.overhead_gb:>9.2f}{s.total_gb:>9.2f}{s.cpu_gb_per_node:>10.1f}  {'yes' if s.fits else 'no'}")
     lines += ["(GB per GPU; overhead = %.1f GB + %d%% of the rest)" % (OVERHEAD_FIXED_GB, OVERHEAD_FRACTION * 100),
-              "", f"chosen: {plan.reason}", "",
+              "", f"chosen: {plan.reason}",
+              f"host RAM: loading ~{plan.host['loading_gb_per_node']:.1f} GB per node, export "
+              f"~{plan.host['export_gb']:.1f} GB", *[f"warning: {w}" for w in plan.host["warnings"]], "",
               f"batch: {b['sequences_per_step']} sequences per optimizer step "
               f"(micro x accumulation x {b['world_size']} ranks), ~{b['tokens_per_step']:,} tokens per step"]
     if "steps_per_epoch" in b:

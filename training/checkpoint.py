@@ -10,9 +10,13 @@ Layout (export reads it; keep it exactly)::
         COMPLETE                         empty; written by rank 0 after every rank finished
     <output_dir>/checkpoints/latest      text: the newest complete tag (temp file + os.replace)
     <output_dir>/checkpoints/best        text: the tag with the best validation loss
+    <output_dir>/checkpoints/best-weights/<tag>/   that tag's weights only (training precision, safetensors
+                                         shards), probe.safetensors, best.json, COMPLETE (training.best_weights)
 
 A checkpoint without ``COMPLETE`` is never loaded: a process killed during a save leaves one behind, and
-``latest`` still names the previous complete one.
+``latest`` still names the previous complete one. ``COMPLETE`` is written only after every file and the
+folder itself are flushed to disk (:func:`mark_complete`), so a power loss cannot leave a marked
+checkpoint with missing data.
 """
 
 from __future__ import annotations
@@ -48,6 +52,31 @@ def checkpoint_root(output_dir: str | Path) -> Path:
 
 def is_complete(folder: Path) -> bool:
     return (folder / COMPLETE_MARKER).is_file() and (folder / STATE_FILE).is_file()
+
+
+def fsync_path(path: Path) -> None:
+    """Flush ``path`` (a file, or a folder's entries) to stable storage."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def mark_complete(folder: Path) -> None:
+    """Flush every file under ``folder`` and the folders themselves, then write ``COMPLETE`` and flush it
+    and the folder again (rank 0, after every rank has written its files). Without the first flushes a
+    crash could keep the marker's folder entry while data written before it is lost."""
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            fsync_path(path)
+    for sub in sorted((p for p in folder.rglob("*") if p.is_dir()), reverse=True):
+        fsync_path(sub)
+    fsync_path(folder)
+    marker = folder / COMPLETE_MARKER
+    marker.touch()
+    fsync_path(marker)
+    fsync_path(folder)
 
 
 def write_pointer(root: Path, name: str, tag: str) -> None:

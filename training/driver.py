@@ -28,6 +28,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from training import best_weights
 from training import checkpoint as ckpt
 from training.config import CheckpointConfig, EvalConfig, TrainConfig
 from training.data import Collator, RankSequences, TrainBatches, eval_batches, first_sequences
@@ -203,8 +204,8 @@ class Driver:
             p.epoch, p.step_in_epoch = p.epoch + 1, 0
 
     def _after_step(self) -> None:
-        """Evaluate, then checkpoint, when due; the last step always does both (eval first, so a best
-        checkpoint is saved once)."""
+        """Evaluate (saving the best weights on an improvement), then checkpoint, when due; the last step
+        always does both."""
         p, e, c = self.progress, self.ctx.eval, self.ctx.checkpoint
         final = p.step >= self.total_steps
         evaluates = final or bool(e.every_steps and p.step % e.every_steps == 0)
@@ -255,7 +256,7 @@ class Driver:
             p.best_eval_loss, p.evals_without_improvement = loss, 0
             p.best_tag = ckpt.tag_for_step(p.step)
             if self.ctx.checkpoint.keep_best:
-                self._save()
+                self._save_best()
         else:
             p.evals_without_improvement += 1
             if e.early_stopping_patience and p.evals_without_improvement >= e.early_stopping_patience:
@@ -267,10 +268,11 @@ class Driver:
         """Evaluate the test split once, with the best checkpoint's weights when eval.test_with is best."""
         p = self.progress
         tag = ckpt.tag_for_step(p.step)
+        best = best_weights.best_folder(self.root, p.best_tag or "")
         if self.ctx.eval.test_with == "best" and p.best_tag and p.best_tag != tag and \
-                ckpt.is_complete(self.root / p.best_tag):
-            # A full load: under ZeRO-3 the weights live in the optimizer-state files. Training is over.
-            self.engine.load_checkpoint(str(self.root), tag=p.best_tag)
+                (best / ckpt.COMPLETE_MARKER).is_file():
+            # Weights only, no optimizer state: training is over.
+            best_weights.load_best_weights(self.engine.module, best, self.rank)
             tag = p.best_tag
         loss = self._evaluate("test")
         if loss is not None:
@@ -307,15 +309,19 @@ class Driver:
                 os.kill(os.getpid(), signal.SIGKILL)
         dist.barrier()
         if self.rank == 0:
-            (folder / ckpt.COMPLETE_MARKER).touch()
+            ckpt.mark_complete(folder)
             ckpt.write_pointer(self.root, "latest", tag)
-            if p.best_tag == tag:
-                ckpt.write_pointer(self.root, "best", tag)
-            keep = {p.best_tag} if (p.best_tag and self.ctx.checkpoint.keep_best) else set()
-            ckpt.prune(self.root, self.ctx.checkpoint.keep_last, keep)
+            ckpt.prune(self.root, self.ctx.checkpoint.keep_last, set())
         dist.barrier()
         self._saved_step = p.step
         self.ctx.logger.line(f"step {p.step:>6} | saved checkpoint {tag}")
+
+    def _save_best(self) -> None:
+        """Save the new best evaluation's weights only (a collective); full checkpoints keep their cadence."""
+        p = self.progress
+        best_weights.save_best_weights(self.engine.module, self.root, p.best_tag,
+                                       {"step": p.step, "eval_loss": p.best_eval_loss}, self.probe_ids, self.rank)
+        self.ctx.logger.line(f"step {p.step:>6} | saved best weights {p.best_tag}")
 
     def _maybe_resume(self) -> None:
         if self.ctx.checkpoint.resume == "never":  # train.py refused a run dir holding checkpoints

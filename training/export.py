@@ -1,14 +1,21 @@
-"""Consolidate a DeepSpeed checkpoint of any ZeRO stage into a verified Hugging Face model folder.
+"""Stream a DeepSpeed checkpoint of any ZeRO stage into a verified Hugging Face model folder.
 
-The weights come from DeepSpeed's own consolidation (``zero_to_fp32`` for stages 1-3, the module
-states for stage 0); the architecture, tokenizer and generation config come from the run's
-``model.name_or_path``. The folder is written beside its destination under a temporary name and renamed
-into place only after it loads back, has every parameter, and reproduces the logits the trained model gave
-on the probe batch saved with the checkpoint.
+Nothing holds the whole model: the architecture is built on the meta device from the run's
+``model.name_or_path`` config, the weights are read from the ZeRO partitions one tensor at a time
+(:mod:`training.zero_reader`), converted to the output dtype and appended to safetensors shards of bounded
+size (:mod:`training.shard_writer`). Verification streams too: every written tensor is read back and
+compared with its source, the names, shapes and parameter count are checked against a meta-device model
+built from the written config, and the probe batch's logits are recomputed with one module's weights in
+memory at a time (:mod:`training.streamed_model`). The folder is written beside its destination under a
+temporary name, flushed to disk, and renamed into place only after all of that passes.
+
+Host RAM at 70B: the largest tensor in fp32 (an embedding, a few GB) plus a 64 MiB read window, instead
+of ~1 TB for the consolidated fp32 state dict plus the loaded model.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -19,6 +26,12 @@ import torch
 
 from training import checkpoint as ckpt
 from training.model import PRECISION_DTYPES
+from training.best_weights import INFO_FILE as BEST_INFO_FILE
+from training.best_weights import complete_best
+from training.shard_writer import (DEFAULT_MAX_SHARD_SIZE, FolderWeights, ShardReader, ShardWriter, TensorSpec,
+                                   parse_size, plan_shards, write_index)
+from training.streamed_model import skeleton, streamed_model, tied_aliases
+from training.zero_reader import PartitionError, ZeroWeights
 
 # Largest tolerated max |logit difference| / max |logit| on the probe, by the coarser precision involved:
 # the probe was computed on the training device, the check runs on CPU, so kernels round differently
@@ -41,7 +54,7 @@ class ExportResult:
 
     out_dir: Path
     tag: str
-    zero_stage: int
+    zero_stage: int | None  # None: the best weights (saved weights only), not a ZeRO checkpoint
     dtype: str
     num_params: int
     probe_relative_error: float
@@ -49,11 +62,12 @@ class ExportResult:
 
 
 def export_checkpoint(run_dir: str | os.PathLike, out_dir: str | os.PathLike, tag: str | None = None,
-                      dtype: str | None = None) -> ExportResult:
+                      dtype: str | None = None, max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE) -> ExportResult:
     """Export checkpoint ``tag`` of ``run_dir`` (default: the latest complete one) to ``out_dir``.
 
-    ``dtype`` (fp32/bf16/fp16) overrides the saved precision, which is the training precision otherwise.
-    Raises :class:`ExportError` for an incomplete checkpoint or a failed verification.
+    ``dtype`` (fp32/bf16/fp16) overrides the saved precision, which is the training precision otherwise;
+    weights go to safetensors files of at most ``max_shard_size`` (with an index when there are several).
+    Raises :class:`ExportError` for an incomplete or damaged checkpoint or a failed verification.
     """
     from training.config import load_config
 
@@ -65,20 +79,29 @@ def export_checkpoint(run_dir: str | os.PathLike, out_dir: str | os.PathLike, ta
     save_precision = dtype or cfg.train.precision
     if save_precision not in PRECISION_DTYPES:
         raise ExportError(f"--dtype: {save_precision!r} is not one of {', '.join(PRECISION_DTYPES)}")
-    stage = zero_stage(tag_dir)
-    state = consolidated_state_dict(tag_dir, stage)
-    model = _model_with_weights(cfg.model, state, PRECISION_DTYPES[save_precision])
+    try:
+        max_shard_bytes = parse_size(max_shard_size)
+    except ValueError as exc:
+        raise ExportError(str(exc)) from None
+    stage = None if (tag_dir / BEST_INFO_FILE).is_file() else zero_stage(tag_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        _write_folder(model, cfg.model, tmp)
-        del model
+        weights = _open_weights(tag_dir, stage)
+        config = _export_config(cfg.model, PRECISION_DTYPES[save_precision])
+        model = skeleton(config, PRECISION_DTYPES[save_precision])
+        config.architectures = [type(model).__name__]
+        plan = _write_weights(weights, model, cfg.model, max_shard_bytes, tmp)
+        _write_extras(config, cfg.model, tmp)
         probe_path = tag_dir / "probe.safetensors"
         tolerance = probe_tolerance(probe_path, cfg.train.precision, save_precision)
-        num_params, error = verify_export(tmp, state, probe_path, PRECISION_DTYPES[save_precision], tolerance)
+        num_params, error = verify_export(tmp, weights, plan, probe_path, PRECISION_DTYPES[save_precision],
+                                          tolerance)
+        _fsync_folder(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
+        ckpt.fsync_path(out.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -105,6 +128,8 @@ def resolve_checkpoint(ckpt_root: Path, tag: str | None) -> tuple[Path, list[str
             raise ExportError(f"{ckpt_root}: no complete checkpoint (none has both {ckpt.COMPLETE_MARKER} and "
                               f"{ckpt.STATE_FILE}); a save was interrupted or none has run yet")
         return ckpt_root / chosen, notes
+    if tag == "best" and (best := complete_best(ckpt_root)) is not None:
+        return best, []
     name = _read_pointer(ckpt_root, tag) if tag in ("latest", "best") else tag
     if not name:
         raise ExportError(f"--tag {tag}: {ckpt_root / tag} does not exist (no {tag} checkpoint recorded); "
@@ -135,7 +160,9 @@ def zero_stage(tag_dir: Path) -> int:
 
 
 def consolidated_state_dict(tag_dir: Path, stage: int) -> dict[str, torch.Tensor]:
-    """Full, unpartitioned weights of the checkpoint in ``tag_dir`` (fp32 masters for stages 1-3)."""
+    """Full, unpartitioned weights of the checkpoint in ``tag_dir`` by DeepSpeed's own consolidation
+    (fp32 masters for stages 1-3), all in memory at once: the slow, obviously-correct reference that
+    :class:`training.zero_reader.ZeroWeights` is tested against. Export never calls it."""
     if stage == 0:
         states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
         return dict(states["module"])
@@ -144,104 +171,127 @@ def consolidated_state_dict(tag_dir: Path, stage: int) -> dict[str, torch.Tensor
     return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
 
 
-def _tied_aliases(model: torch.nn.Module) -> dict[str, str]:
-    """{alias name: canonical name} for parameters shared under several names (tied embeddings)."""
-    first: dict[int, str] = {}
-    aliases = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if id(param) in first:
-            aliases[name] = first[id(param)]
-        else:
-            first[id(param)] = name
-    return aliases
+def _open_weights(tag_dir: Path, stage: int | None) -> ZeroWeights | FolderWeights:
+    """The checkpoint's tensors: a ZeRO checkpoint's partitions, or a best-weights folder (stage None)."""
+    if stage is None:
+        return FolderWeights(tag_dir)
+    try:
+        return ZeroWeights(tag_dir, stage)
+    except PartitionError as exc:
+        raise ExportError(str(exc)) from None
 
 
-def _model_with_weights(model_cfg, state: dict[str, torch.Tensor], dtype: torch.dtype):
-    """The run's base model with the consolidated weights loaded, every parameter accounted for."""
-    from transformers import AutoModelForCausalLM
+def _export_config(model_cfg, dtype: torch.dtype):
+    """The base model's config as the exported folder carries it."""
+    from transformers import AutoConfig
 
-    model = AutoModelForCausalLM.from_pretrained(model_cfg.name_or_path, revision=model_cfg.revision, dtype=dtype,
-                                                 trust_remote_code=model_cfg.trust_remote_code)
-    aliases = _tied_aliases(model)
-    state = dict(state)
+    config = AutoConfig.from_pretrained(model_cfg.name_or_path, revision=model_cfg.revision,
+                                        trust_remote_code=model_cfg.trust_remote_code)
+    config.use_cache = True  # training turned the cache off; generation wants it
+    config.dtype = dtype
+    return config
+
+
+def _planned_specs(weights: ZeroWeights | FolderWeights, model: torch.nn.Module, model_cfg) -> list[TensorSpec]:
+    """One spec per tensor the folder will hold, in the model's order; the checkpoint must match it."""
+    aliases = tied_aliases(model)
+    dtype = next(model.parameters()).dtype
+    expected = {name: t for name, t in model.state_dict().items() if name not in aliases}
+    stored = set(weights.shapes)
     for alias, canonical in aliases.items():
-        if alias in state and canonical in state and not torch.equal(state[alias], state[canonical]):
+        if alias in stored and canonical in stored and not torch.equal(weights.read(alias), weights.read(canonical)):
             raise ExportError(f"tied weights {alias} and {canonical} differ in the checkpoint; the tie was "
                               f"broken during training, so one folder cannot hold both")
-        state.pop(alias, None)
-    result = model.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if k not in aliases]
-    if missing or result.unexpected_keys:
+    missing = sorted(set(expected) - stored)
+    unexpected = sorted(stored - set(expected) - set(aliases))
+    wrong = [n for n in expected if n in stored and tuple(weights.shapes[n]) != tuple(expected[n].shape)]
+    if missing or unexpected or wrong:
         raise ExportError(f"checkpoint does not match {model_cfg.name_or_path}: missing {missing[:5]}, "
-                          f"unexpected {result.unexpected_keys[:5]} (was it trained from another model?)")
-    return model
+                          f"unexpected {unexpected[:5]}, other shapes {wrong[:5]} (was it trained from another "
+                          f"model?)")
+    return [TensorSpec(name, tuple(t.shape), dtype if weights.source_dtype(name).is_floating_point
+                       else weights.source_dtype(name)) for name, t in expected.items()]
 
 
-def _write_folder(model, model_cfg, folder: Path) -> None:
+def _write_weights(weights: ZeroWeights | FolderWeights, model: torch.nn.Module, model_cfg, max_shard_bytes: int,
+                   folder: Path) -> dict[str, list[TensorSpec]]:
+    """Stream the checkpoint's tensors, converted to the model's dtype, into shards; returns the plan."""
+    shards = plan_shards(_planned_specs(weights, model, model_cfg), max_shard_bytes)
+    for file, specs in shards.items():
+        writer = ShardWriter(folder / file, specs)
+        for spec in specs:
+            writer.add(spec.name, weights.read(spec.name).to(spec.dtype))
+        writer.close()
+    write_index(folder, shards, sum(p.numel() for p in model.parameters()))
+    return shards
+
+
+def _write_extras(config, model_cfg, folder: Path) -> None:
+    """config.json, generation_config.json and the tokenizer, beside the weights."""
     from transformers import AutoTokenizer, GenerationConfig
 
-    model.config.use_cache = True  # training turned the cache off; generation wants it
+    config.save_pretrained(folder)
     try:
-        model.generation_config = GenerationConfig.from_pretrained(model_cfg.name_or_path, revision=model_cfg.revision)
+        generation = GenerationConfig.from_pretrained(model_cfg.name_or_path, revision=model_cfg.revision)
     except OSError:
-        model.generation_config = GenerationConfig.from_model_config(model.config)
-    model.save_pretrained(folder, safe_serialization=True)
+        generation = GenerationConfig.from_model_config(config)
+    generation.save_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(model_cfg.name_or_path, revision=model_cfg.revision,
                                               trust_remote_code=model_cfg.trust_remote_code)
     tokenizer.save_pretrained(folder)
 
 
+def _fsync_folder(folder: Path) -> None:
+    for path in sorted(folder.iterdir()):
+        if path.is_file():
+            ckpt.fsync_path(path)
+    ckpt.fsync_path(folder)
+
+
 # --------------------------------------------------------------------------- verification
 
 
-def _saved_tensors(folder: Path) -> dict[str, tuple[int, ...]]:
-    from safetensors import safe_open
-
-    shapes = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as fh:
-            for key in fh.keys():
-                shapes[key] = tuple(fh.get_slice(key).get_shape())
-    return shapes
-
-
-def _expected_num_params(folder: Path) -> int:
-    """Parameters of a fresh model built from the exported config (on the meta device: no memory)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(folder)
-    with torch.device("meta"):
-        fresh = AutoModelForCausalLM.from_config(config)
-    return sum(p.numel() for p in fresh.parameters())
-
-
-def verify_export(folder: Path, state: dict[str, torch.Tensor], probe_path: Path, dtype: torch.dtype,
-                  tolerance: float) -> tuple[int, float]:
-    """Check the written folder; returns (parameter count, probe relative error) or raises ExportError."""
-    from transformers import AutoModelForCausalLM
-
-    from training.probe import load_probe
-
-    empty = [k for k, shape in _saved_tensors(folder).items() if 0 in shape]
+def verify_export(folder: Path, weights: ZeroWeights | FolderWeights, plan: dict[str, list[TensorSpec]],
+                  probe_path: Path, dtype: torch.dtype, tolerance: float) -> tuple[int, float]:
+    """Check the written folder tensor by tensor; returns (parameter count, probe relative error) or
+    raises ExportError. Host RAM: two tensors at a time, then one module's weights for the probe."""
+    reader = ShardReader(folder)
+    shapes = reader.shapes()
+    empty = [k for k, shape in shapes.items() if 0 in shape]
     if empty:
         raise ExportError(f"export verification failed: zero-sized tensors {empty[:5]} "
                           f"(a partitioned ZeRO-3 parameter was saved without gathering)")
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-    num_params = sum(p.numel() for p in model.parameters())
-    expected = _expected_num_params(folder)
-    if num_params != expected:
-        raise ExportError(f"export verification failed: {num_params} parameters, the model has {expected}")
-    reloaded = model.state_dict()
-    for name, tensor in state.items():
-        if name in reloaded and not torch.equal(reloaded[name], tensor.to(reloaded[name].dtype)):
-            raise ExportError(f"export verification failed: {name} reloads different from the checkpoint")
-    error = _probe_error(model, probe_path)
+    num_params = _check_against_config(folder, shapes, dtype)
+    for specs in plan.values():
+        for spec in specs:
+            if not torch.equal(reader.get(spec.name), weights.read(spec.name).to(spec.dtype)):
+                raise ExportError(f"export verification failed: {spec.name} reads back different from the "
+                                  f"checkpoint")
+    error = _probe_error(folder, dtype, probe_path)
     if error > tolerance:
         raise ExportError(f"export verification failed: logits on the checkpoint's probe batch differ by "
                           f"{error:.3g} (relative to the largest logit; tolerance {tolerance:g}), so these "
                           f"weights are not the trained model's; the checkpoint files may be corrupt")
-    model.generate(load_probe(probe_path)["input_ids"][:1, :4], max_new_tokens=2, do_sample=False)
     return num_params, error
+
+
+def _check_against_config(folder: Path, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype) -> int:
+    """Names and shapes written == those of a model built from the written config (on the meta device);
+    returns its parameter count."""
+    from transformers import AutoConfig
+
+    model = skeleton(AutoConfig.from_pretrained(folder), dtype)
+    aliases = tied_aliases(model)
+    expected = {n: tuple(t.shape) for n, t in model.state_dict().items() if n not in aliases}
+    if expected != shapes:
+        differ = sorted(set(expected) ^ set(shapes)) or sorted(n for n in expected if expected[n] != shapes[n])
+        raise ExportError(f"export verification failed: the written tensors do not match the model its config "
+                          f"describes (first differences: {differ[:5]})")
+    num_params = sum(p.numel() for p in model.parameters())
+    written = sum(math.prod(shapes[n]) for n, _ in model.named_parameters())
+    if written != num_params:
+        raise ExportError(f"export verification failed: {written} parameters written, the model has {num_params}")
+    return num_params
 
 
 def probe_tolerance(probe_path: Path, train_precision: str, save_precision: str) -> float:
@@ -257,12 +307,12 @@ def probe_tolerance(probe_path: Path, train_precision: str, save_precision: str)
     return PROBE_TOLERANCE[coarser]
 
 
-def _probe_error(model, probe_path: Path) -> float:
+def _probe_error(folder: Path, dtype: torch.dtype, probe_path: Path) -> float:
+    """Max |logit difference| / max |logit| of the exported model on the checkpoint's probe batch."""
     from training.probe import load_probe
 
     probe = load_probe(probe_path)
-    model.eval()
-    with torch.no_grad():
+    with streamed_model(folder, dtype) as model, torch.no_grad():
         logits = model(input_ids=probe["input_ids"]).logits.float()
     expected = probe["logits"]
     if logits.shape != expected.shape:

@@ -196,6 +196,52 @@ def test_run_dir_layout_and_results(reference):
     assert results["final_eval_loss"] < train_losses(run)[1]
 
 
+def _moe_model(tiny_model_dir: Path, out: Path, kind: str) -> Path:
+    """A tiny random mixture-of-experts model built from its config, with the tiny model's tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralConfig, Qwen2MoeConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    common = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
+                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, num_experts_per_tok=2)
+    if kind == "mixtral":
+        config = MixtralConfig(num_local_experts=4, **common)
+    else:
+        config = Qwen2MoeConfig(num_experts=4, moe_intermediate_size=48, shared_expert_intermediate_size=96,
+                                **common)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
+def test_moe_trains_under_zero3_and_exports(deepspeed_bin, tiny_model_dir, prepared, tmp_path, kind):
+    """Routing sends each rank's tokens to different experts; with the MoE blocks as ZeRO-3 leaves both
+    ranks gather the same parameters, train 10 steps, and the checkpoint exports and verifies."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from launcher.cli import main as zerotune
+
+    model = _moe_model(tiny_model_dir, tmp_path / kind, kind)
+    out = tmp_path / "run"
+    cfg = run_config(model, prepared, out, stage=3, train={"max_steps": 10, "warmup_steps": 2},
+                     eval={"every_steps": 5, "sample_generations": 0}, checkpoint={"every_steps": None})
+    check(launch(deepspeed_bin, cfg))
+    losses = train_losses(out)
+    assert sorted(losses) == list(range(1, 11)) and losses[10] < losses[1] - 0.1, losses
+    assert zerotune(["export", str(out), "--out", str(tmp_path / "hf")]) == 0
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert type(exported).__name__ == type(AutoModelForCausalLM.from_pretrained(model)).__name__
+    written, loaded = load_file(str(tmp_path / "hf" / "model.safetensors")), exported.state_dict()
+    assert written.keys() == loaded.keys(), "transformers did not take the expert tensors as written"
+    assert all(torch.equal(written[name], loaded[name]) for name in written)
+
+
 def test_tensorboard_holds_the_documented_tags(reference):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -387,6 +433,11 @@ def test_user_loop_by_import_path_and_early_stopping(deepspeed_bin, tiny_model_d
     assert results["stopped_early"] is True and results["steps"] == 6, results
     assert results["best_tag"] == "step-00000002"
     assert "early stopping at step 6" in proc.stdout
+    # The test split ran on the best evaluation's weights, which were saved weights-only: no full checkpoint.
+    assert results["test_weights_tag"] == "step-00000002"
+    ckpts = out / "checkpoints"
+    assert (ckpts / "best-weights" / "step-00000002" / "COMPLETE").is_file()
+    assert not (ckpts / "step-00000002").exists() and (ckpts / "best").read_text().strip() == "step-00000002"
 
 
 def test_a_loop_that_miscounts_stops_every_rank_before_saving(deepspeed_bin, tiny_model_dir, prepared, tmp_path):

@@ -51,6 +51,27 @@ def test_param_count_from_config_only(tmp_path, name):
     assert shape.model_type == name
 
 
+MOE = {"model_type": "mixtral", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+       "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1000, "num_local_experts": 8,
+       "num_experts_per_tok": 2, "tie_word_embeddings": False}
+
+
+def test_moe_counts_total_and_active_parameters(tmp_path):
+    """Mixtral written out by hand: attention, router and norms always run; 2 of 8 experts per token."""
+    folder = tmp_path / "mixtral"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(MOE))
+    h, f, L, V, E = 64, 96, 2, 1000, 8
+    kv = 2 * (h // 4)
+    dense_per_layer = (2 * h * h + 2 * h * kv) + E * h + 2 * h  # attention, router, two norms
+    experts_per_layer = E * 3 * h * f
+    shape = model_shape(str(folder))
+    assert shape.params == L * (dense_per_layer + experts_per_layer) + 2 * V * h + h
+    assert shape.active_params == L * (dense_per_layer + experts_per_layer * 2 // E) + 2 * V * h + h
+    dense = model_shape(str(_write(tmp_path, "llama")))
+    assert dense.active_params == dense.params
+
+
 @pytest.mark.parametrize("params, largest, gpus, nodes", [
     (8_030_261_248, 525_336_576, 8, 1), (7_000_000_000, 500_000_000, 16, 2), (1_235_814_400, 262_668_288, 1, 1)])
 def test_model_states_match_deepspeed_estimators(params, largest, gpus, nodes):
@@ -179,3 +200,31 @@ def test_unreadable_model_config_is_one_line(tmp_path, capsys):
     assert main(["plan", str(cfg)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "model.name_or_path" in err and "config.json" in err
+
+
+def test_host_memory_for_loading_and_export_and_its_warnings(tmp_path, capsys):
+    from launcher.cli import main
+    from launcher.plan import (EXPORT_BYTES_PER_LARGEST_PARAM, EXPORT_FIXED_GB, GB, IMPORT_BASELINE_GB,
+                               LOAD_MODEL_COPIES_PER_RANK, host_memory)
+
+    shape = model_shape(str(_write(tmp_path, "llama")))
+    P, L = shape.params, shape.largest_layer_params
+    zero3 = host_memory(shape, "bf16", 3, gpus_per_node=4, cpu_memory_gb=1024)
+    # 4 ranks per node: baseline + 1.25 model copies each; rank 0's node also holds the checkpoint.
+    expected = 4 * (IMPORT_BASELINE_GB * GB + LOAD_MODEL_COPIES_PER_RANK * 2 * P) + 2 * P
+    assert zero3["loading_gb_per_node"] == round(expected / GB, 2)
+    fp32 = host_memory(shape, "fp32", 3, gpus_per_node=4, cpu_memory_gb=1024)
+    assert fp32["loading_gb_per_node"] == round((expected + 4 * 1.25 * 2 * P + 2 * P) / GB, 2)
+    export = (IMPORT_BASELINE_GB + EXPORT_FIXED_GB) * GB + EXPORT_BYTES_PER_LARGEST_PARAM * L
+    assert zero3["export_gb"] == fp32["export_gb"] == round(export / GB, 2) and zero3["warnings"] == []
+    tight = host_memory(shape, "bf16", 3, gpus_per_node=8, cpu_memory_gb=0.5)
+    assert len(tight["warnings"]) == 2 and "zerotune export needs" in tight["warnings"][1]
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"output_dir: {tmp_path / 'run'}\nmodel: {{name_or_path: {tmp_path / 'llama'}}}\n"
+                   f"data: {{sources: [x.csv], output_dir: {tmp_path / 'prep'}}}\n"
+                   "deepspeed: {config: zero3.json, zero_stage: 3}\n")
+    assert main(["plan", str(cfg), "--cpu-memory-gb", "0.5"]) == 0
+    table = capsys.readouterr().out
+    assert "host RAM: loading ~" in table and "warning: zerotune export needs" in table
+    assert "warning: loading the model (ZeRO-3" in table

@@ -3,8 +3,10 @@
 Started by the tests as ``deepspeed --num_gpus 2 export_checkpoint_writer.py --model-dir M --run-dir R
 --stage S --precision P``. It trains the tiny model a few steps with ``training.model`` and saves two
 checkpoints laid out as the training driver lays them out (``checkpoints/<tag>/`` with DeepSpeed's files,
-``zerotune_state.json``, ``probe.safetensors`` and ``COMPLETE``; ``latest`` and ``best`` pointers), plus
-``reference.safetensors``: logits of the final weights on a second batch, for the test to compare with.
+``zerotune_state.json``, ``probe.safetensors`` and ``COMPLETE``; the ``latest`` pointer; the best weights
+of step 2 under ``checkpoints/best-weights/`` with the ``best`` pointer), plus ``reference.safetensors``:
+logits of the final weights on a second batch, and ``best_reloaded_probe.safetensors``: the probe batch's
+logits after the step-2 best weights were loaded back into the trained engine.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 import deepspeed
 import torch
 
+from training.best_weights import best_folder, load_best_weights, save_best_weights
 from training.checkpoint import tag_for_step
 from training.config import RunConfig, save_config
 from training.model import forward_logits, load_model, token_loss
@@ -92,10 +95,14 @@ def main() -> None:
         engine.step()
         if step in (2, 4):
             _save(engine, ckpt_root, tag_for_step(step), step, probe_ids)
-    if torch.distributed.get_rank() == 0:
-        (ckpt_root / "best").write_text(tag_for_step(2))
+        if step == 2:  # as the driver saves a new best evaluation: weights only, and the `best` pointer
+            save_best_weights(engine.module, ckpt_root, tag_for_step(step), {"step": step}, probe_ids,
+                              torch.distributed.get_rank())
     reference_ids = torch.randint(5, vocab, (1, 16), generator=torch.Generator().manual_seed(7))
     save_probe(engine, reference_ids, run_dir / "reference.safetensors")
+    # As the test split is evaluated: the best weights loaded back into the trained engine, no optimizer.
+    load_best_weights(engine.module, best_folder(ckpt_root, tag_for_step(2)), torch.distributed.get_rank())
+    save_probe(engine, probe_ids, run_dir / "best_reloaded_probe.safetensors")
     torch.distributed.barrier()
     # Without this, ZeRO-3 aborts at interpreter exit on gloo.
     torch.distributed.destroy_process_group()

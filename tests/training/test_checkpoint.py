@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -100,3 +102,25 @@ def test_rng_state_captured_earlier_is_what_gets_saved(tmp_path):
     ckpt.save_rng_state(tmp_path / "rng.safetensors", before)  # the draws above are not in it
     ckpt.load_rng_state(tmp_path / "rng.safetensors")
     assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected
+
+
+def test_complete_marker_written_only_after_every_file_and_the_folder_are_flushed(tmp_path, monkeypatch):
+    folder = tmp_path / "step-00000001"
+    (folder / "sub").mkdir(parents=True)
+    for name in ("a.pt", "b.safetensors", "sub/c.pt"):
+        (folder / name).write_bytes(b"x")
+    calls = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        path = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        calls.append((path.relative_to(tmp_path).as_posix(), (folder / ckpt.COMPLETE_MARKER).exists()))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    ckpt.mark_complete(folder)
+    before_marker = {path for path, marker_exists in calls if not marker_exists}
+    assert before_marker == {"step-00000001/a.pt", "step-00000001/b.safetensors", "step-00000001/sub/c.pt",
+                             "step-00000001/sub", "step-00000001"}
+    after_marker = [path for path, marker_exists in calls if marker_exists]
+    assert after_marker == ["step-00000001/COMPLETE", "step-00000001"], "the marker itself must be flushed"

@@ -134,11 +134,45 @@ def test_best_tag_and_dtype_override(zero2_run, tmp_path):
     best = export_checkpoint(zero2_run, tmp_path / "best", tag="best", dtype="bf16")
     latest = export_checkpoint(zero2_run, tmp_path / "latest")
     assert (best.tag, latest.tag) == ("step-00000002", "step-00000004")
+    assert (best.zero_stage, latest.zero_stage) == (None, 2), "best must come from the weights-only save"
     assert _saved_dtypes(tmp_path / "best") == {"torch.bfloat16"}
     assert _saved_dtypes(tmp_path / "latest") == {"torch.float32"}
     a = load_file(str(tmp_path / "best" / "model.safetensors"))
     b = load_file(str(tmp_path / "latest" / "model.safetensors"))
     assert any(not torch.equal(a[k].float(), b[k].float().to(torch.bfloat16).float()) for k in a)
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("run_name", ["zero0_run", "zero1_run", "zero2_run", "zero3_run"])
+def test_best_weights_loaded_back_give_the_best_logits(request, run_name):
+    """The step-2 best weights, loaded into the engine after step 4 (no optimizer state), give exactly the
+    probe logits the engine gave at step 2: same ranks, same kernels, same weights."""
+    run_dir = request.getfixturevalue(run_name)
+    ckpts = run_dir / "checkpoints"
+    at_best = load_file(str(ckpts / "best-weights" / "step-00000002" / "probe.safetensors"))["logits"]
+    at_end = load_file(str(ckpts / "step-00000004" / "probe.safetensors"))["logits"]
+    reloaded = load_file(str(run_dir / "best_reloaded_probe.safetensors"))["logits"]
+    assert not torch.allclose(at_end, at_best), "training did not move the weights: the test would prove nothing"
+    assert torch.equal(reloaded, at_best)
+
+
+@pytest.mark.dist
+def test_best_weights_are_weights_only_in_the_training_precision(zero3_run, tmp_path, capsys):
+    ckpts = zero3_run / "checkpoints"
+    best = ckpts / "best-weights" / "step-00000002"
+    assert (ckpts / "best").read_text().strip() == "step-00000002"
+    assert sorted(p.name for p in best.iterdir()) == ["COMPLETE", "best.json", "model.safetensors",
+                                                     "probe.safetensors"]
+    weights = load_file(str(best / "model.safetensors"))
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16}
+    params = sum(t.numel() for t in weights.values())
+    assert (best / "model.safetensors").stat().st_size < 2 * params + 8192
+    full = sum(p.stat().st_size for p in (ckpts / "step-00000002").iterdir())
+    assert full > 6 * (best / "model.safetensors").stat().st_size, "the full checkpoint is the heavy one"
+    assert zerotune(["export", str(zero3_run), "--tag", "best", "--out", str(tmp_path / "hf")]) == 0
+    assert "exported checkpoint step-00000002 (best weights)" in capsys.readouterr().out
+    exported = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    assert exported.keys() == weights.keys() and all(torch.equal(exported[k], weights[k]) for k in weights)
 
 
 @pytest.mark.dist
@@ -188,6 +222,94 @@ def test_small_corruption_in_a_zero3_bf16_shard_refused(zero3_run, tmp_path):
     torch.save(states, shard)
     with pytest.raises(ExportError, match="probe batch differ"):
         export_checkpoint(run, tmp_path / "out")
+
+
+def _in_memory_export(run_dir: Path, out: Path) -> None:
+    """The export as it was before streaming, kept as the reference: DeepSpeed consolidates the whole fp32
+    state dict, the base model is loaded and overwritten with it, and save_pretrained writes the folder."""
+    from transformers import AutoModelForCausalLM
+
+    from training.config import load_config
+    from training.export import consolidated_state_dict, zero_stage
+    from training.streamed_model import tied_aliases
+
+    tag_dir = run_dir / "checkpoints" / "step-00000004"
+    state = consolidated_state_dict(tag_dir, zero_stage(tag_dir))
+    base = load_config(run_dir / "config.yaml", validate=False).model.name_or_path
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    aliases = tied_aliases(model)
+    result = model.load_state_dict({k: v for k, v in state.items() if k not in aliases}, strict=False)
+    assert not result.unexpected_keys and set(result.missing_keys) <= set(aliases)
+    model.config.use_cache = True
+    model.save_pretrained(out, safe_serialization=True)
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("run_name", ["zero0_run", "zero1_run", "zero2_run", "zero3_run"])
+def test_streamed_export_equals_in_memory_export_bit_for_bit(request, run_name, tmp_path):
+    """fp32 output: the streamed reader and writer must give exactly DeepSpeed's consolidated masters
+    (stages 1-3) or module states (stage 0), under the same names, with the same config."""
+    run_dir = request.getfixturevalue(run_name)
+    export_checkpoint(run_dir, tmp_path / "streamed", dtype="fp32")
+    _in_memory_export(run_dir, tmp_path / "reference")
+    streamed = load_file(str(tmp_path / "streamed" / "model.safetensors"))
+    reference = load_file(str(tmp_path / "reference" / "model.safetensors"))
+    assert streamed.keys() == reference.keys()
+    for name, tensor in reference.items():
+        assert streamed[name].dtype == tensor.dtype == torch.float32, name
+        assert torch.equal(streamed[name], tensor), f"{name} differs from the in-memory export"
+    config = json.loads((tmp_path / "streamed" / "config.json").read_text())
+    assert config == json.loads((tmp_path / "reference" / "config.json").read_text())
+
+
+@pytest.mark.dist
+def test_shard_size_limit_writes_an_index_transformers_loads(zero3_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from training.shard_writer import INDEX_FILE
+
+    export_checkpoint(zero3_run, tmp_path / "one")
+    assert zerotune(["export", str(zero3_run), "--out", str(tmp_path / "sharded"), "--max-shard-size", "40KB"]) == 0
+    sharded = tmp_path / "sharded"
+    index = json.loads((sharded / INDEX_FILE).read_text())
+    files = sorted(p.name for p in sharded.glob("*.safetensors"))
+    assert len(files) >= 3 and sorted(set(index["weight_map"].values())) == files
+    one = load_file(str(tmp_path / "one" / "model.safetensors"))
+    for file in files:  # a tensor larger than the limit gets a file of its own, as in transformers
+        held = [one[n].numel() * one[n].element_size() for n, f in index["weight_map"].items() if f == file]
+        assert len(held) == 1 or sum(held) <= 40_000, f"{file} holds {held}: over the limit"
+    assert index["weight_map"].keys() == one.keys()
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in one.values())
+    model = AutoModelForCausalLM.from_pretrained(sharded)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr(), "tie lost"
+    loaded = model.state_dict()
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in one.items())
+    assert _reference_error(model, zero3_run) < 1e-6
+
+
+@pytest.mark.dist
+def test_truncated_partition_refused_naming_the_file(zero3_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(zero3_run, run)
+    shard = run / "checkpoints" / "step-00000004" / "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(ExportError, match=r"bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt: cannot read"):
+        export_checkpoint(run, tmp_path / "out")
+    assert zerotune(["export", str(run), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "damaged or incomplete" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
+
+
+@pytest.mark.dist
+def test_partition_of_the_wrong_size_refused(zero2_copy, tmp_path):
+    shard = zero2_copy / "checkpoints" / "step-00000004" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    states = torch.load(shard, map_location="cpu", weights_only=False)
+    groups = states["optimizer_state_dict"]["single_partition_of_fp32_groups"]
+    groups[0] = groups[0].detach()[:-8].clone()
+    torch.save(states, shard)
+    with pytest.raises(ExportError, match=r"zero_pp_rank_1_mp_rank_00_optim_states.pt: holds partitions of"):
+        export_checkpoint(zero2_copy, tmp_path / "out")
 
 
 def test_probe_tolerance_depends_on_where_the_probe_was_computed(tmp_path):

@@ -227,3 +227,27 @@ def test_token_loss_sums_shifted_cross_entropy_in_fp32():
     assert loss_sum.dtype == torch.float32
     assert int(count) == 4
     torch.testing.assert_close(loss_sum, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "llama"])
+def test_moe_blocks_become_zero3_leaves_and_nothing_else(kind):
+    from deepspeed.utils import z3_leaf_module
+    from transformers import AutoModelForCausalLM, LlamaConfig, MixtralConfig, Qwen2MoeConfig
+
+    from training.model import mark_moe_leaf_modules
+
+    common = dict(vocab_size=256, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=2, num_key_value_heads=1)
+    config = {"mixtral": lambda: MixtralConfig(num_local_experts=4, num_experts_per_tok=2, **common),
+              "qwen2_moe": lambda: Qwen2MoeConfig(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+                                                  shared_expert_intermediate_size=48, **common),
+              "llama": lambda: LlamaConfig(**common)}[kind]()
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    classes = mark_moe_leaf_modules(model)
+    leaves = [name for name, m in model.named_modules() if z3_leaf_module(m)]
+    if kind == "llama":
+        assert classes == [] and leaves == []
+    else:
+        assert leaves == ["model.layers.0.mlp", "model.layers.1.mlp"]
+        assert [c.__name__ for c in classes] == [type(model.model.layers[0].mlp).__name__]

@@ -1,0 +1,89 @@
+"""Per-rank host memory of loading the model under ZeRO-3 (training.model.load_model), on 2 CPU ranks.
+
+    python benchmarks/load_memory.py                 # the export benchmark's 184M and ~2x models
+    python benchmarks/load_memory.py --layers 2 --hidden 128 --vocab 2048    # quick
+
+Each rank reports its peak RSS (getrusage) after importing and initialising the process group, and after
+``load_model`` built the partitioned model; the difference is what loading costs. A rank's share of the
+model is params x bytes / 2. Models are the ones benchmarks/export_memory.py builds (built here if absent).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import resource
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+LINE = re.compile(r"loadpeak (\{.*\})")
+NO_STEPS = re.compile(r"(?!)")  # ranks print no step lines: nothing for benchlib.launch to stamp
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--layers", type=int, nargs="+", default=[16, 32])
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--vocab", type=int, default=8000)
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="bf16")
+    p.add_argument("--work", type=Path, default=Path(__file__).resolve().parent / ".work")
+    p.add_argument("--rank-model", default=None, help=argparse.SUPPRESS)  # set when run as a rank
+    p.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def _peak_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+def rank_main(args) -> None:
+    """One rank: load the model partitioned, print the peaks."""
+    import deepspeed
+    import torch
+
+    from training.config import ModelConfig
+    from training.model import load_model
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    world = torch.distributed.get_world_size()
+    ds_config = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1,
+                 "gradient_accumulation_steps": 1, "train_batch_size": world}
+    if args.precision == "bf16":
+        ds_config["bf16"] = {"enabled": True}
+    before = _peak_gb()
+    model = load_model(ModelConfig(name_or_path=args.rank_model), args.precision, ds_config)
+    after = _peak_gb()
+    print("loadpeak " + json.dumps({"rank": torch.distributed.get_rank(), "before_gb": before, "after_gb": after,
+                                    "local_numel": sum(p.numel() for p in model.parameters())}), flush=True)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.rank_model:
+        rank_main(args)
+        return 0
+    import benchlib as bl
+
+    for layers in args.layers:
+        model = bl.model_dir(args.work, args.hidden, layers, args.vocab)
+        params = bl.model_params(model)
+        log = args.work / "logs" / f"load-{model.name}-{args.precision}.log"
+        bl.launch(f"load {model.name}", Path(__file__), ["--rank-model", str(model), "--precision", args.precision],
+                  log, pattern=NO_STEPS)
+        ranks = [json.loads(m.group(1)) for m in map(LINE.search, log.read_text().splitlines()) if m]
+        share = params * (2 if args.precision == "bf16" else 4) / 2 / 1e9
+        for r in sorted(ranks, key=lambda r: r["rank"]):
+            print(f"{model.name} ({params / 1e6:.0f}M, {args.precision}) rank {r['rank']}: "
+                  f"peak {r['after_gb']:.2f} GB, "
+                  f"loading added {r['after_gb'] - r['before_gb']:.2f} GB; the rank's share of the weights "
+                  f"is {share:.2f} GB, the whole model {2 * share:.2f} GB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
