@@ -15,7 +15,8 @@ def cmd_launch(args) -> int:
     from training.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    cluster = discover(hostfile=args.hostfile, num_gpus=args.num_gpus, master_port=args.master_port)
+    cluster = discover(hostfile=args.hostfile, num_gpus=args.num_gpus, master_port=args.master_port,
+                       master_addr=args.master_addr)
     cfg.validate(cluster.world_size)
     if cluster.source != "slurm":
         check_hosts(cluster, ssh_timeout_s=args.ssh_timeout)
@@ -76,6 +77,8 @@ def register(subparsers, add_config_args) -> None:
     where.add_argument("--hostfile", help="DeepSpeed hostfile: one 'HOST slots=N' line per machine")
     where.add_argument("--num-gpus", type=int, help="ranks on this machine (on CPU: N gloo processes)")
     p.add_argument("--master-port", type=int, default=29500)
+    p.add_argument("--master-addr", help="rendezvous address of a --hostfile launch (default: the first host's "
+                                         "name as written in the hostfile; it must be one every host reaches)")
     p.add_argument("--ssh-timeout", type=int, default=5, help="seconds to wait for each remote host's ssh")
     p.add_argument("--stage-data", metavar="DIR",
                    help="copy shards to node-local DIR first (sbcast under SLURM) and verify checksums")
