@@ -227,19 +227,23 @@ def rendezvous_addr(hosts: list[Host], master_addr: str | None = None, source: s
 
     One host: loopback when it is this machine. Several hosts: the first host's name as the hostfile
     spells it (the name the other hosts resolve), never loopback, even when the launch starts on that
-    host: a remote rank given 127.0.0.1 would rendezvous with itself and hang. ``master_addr`` (an
-    explicit ``--master-addr``) wins, but a loopback one is refused for several hosts.
+    host: a remote rank given 127.0.0.1 would rendezvous with itself and hang. A first host written as
+    ``localhost`` is this machine, so its hostname stands in. ``master_addr`` (``--master-addr``) wins.
     """
     first = hosts[0].name
     if len(hosts) == 1:
         return master_addr or ("127.0.0.1" if is_local_host(first) else first)
-    chosen = master_addr or first
-    if chosen in LOOPBACK_NAMES or chosen.startswith("127."):
+    chosen = master_addr or (socket.gethostname() if _is_loopback(first) else first)
+    if _is_loopback(chosen):
         what = f"--master-addr {chosen}" if master_addr else f"{source}: the first host, {first},"
         raise ClusterError(f"{what} is a loopback address, but {len(hosts)} hosts take part and the others "
                            f"cannot reach it; name the first host as the other hosts resolve it, or pass "
                            f"--master-addr with an address of it they can reach")
     return chosen
+
+
+def _is_loopback(name: str) -> bool:
+    return name in LOOPBACK_NAMES or name.startswith("127.")
 
 
 def is_local_host(name: str) -> bool:

@@ -153,6 +153,11 @@ def test_single_local_host_keeps_loopback(tmp_path):
     assert discover(hostfile=_hostfile(tmp_path, ["localhost"]), env={}).master_addr == "127.0.0.1"
 
 
+def test_multi_host_first_host_written_as_localhost_rendezvouses_at_this_machines_name(tmp_path):
+    c = discover(hostfile=_hostfile(tmp_path, ["localhost", "node-2.example"]), env={})
+    assert c.master_addr == socket.gethostname() != "localhost"
+
+
 def test_explicit_master_addr_wins(tmp_path):
     c = discover(hostfile=_hostfile(tmp_path, [socket.gethostname(), "node-2.example"]), env={},
                  master_addr="10.0.0.7")
@@ -160,10 +165,10 @@ def test_explicit_master_addr_wins(tmp_path):
 
 
 @pytest.mark.parametrize("names, addr, match", [
-    (["localhost", "node-2.example"], None, r"hostfile: the first host, localhost, is a loopback address"),
+    (["127.0.0.1", "node-2.example"], "localhost", r"--master-addr localhost is a loopback address"),
     (["node-1.example", "node-2.example"], "127.0.0.1", r"--master-addr 127\.0\.0\.1 is a loopback address"),
 ])
-def test_multi_host_loopback_rendezvous_is_refused(tmp_path, names, addr, match):
+def test_multi_host_loopback_master_addr_is_refused(tmp_path, names, addr, match):
     with pytest.raises(ClusterError, match=match):
         discover(hostfile=_hostfile(tmp_path, names), env={}, master_addr=addr)
 
