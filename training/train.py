@@ -39,11 +39,14 @@ def validate_inputs(cfg: RunConfig, world_size: int):
     """Everything checkable before the process group starts: config arithmetic, manifest, tokenizer."""
     from transformers import AutoTokenizer
 
-    from data_prep.format import load_manifest
+    from data_prep.format import check_shard_files, load_manifest
     from training.loops import get_loop
 
     cfg.validate(world_size=world_size)
     manifest = load_manifest(cfg.data.output_dir)
+    # Sizes and headers only (the full checksums are `zerotune launch`'s): a truncated or swapped shard is
+    # one error on every rank here, not a memmap traceback on one rank and a dead peer on the others.
+    check_shard_files(cfg.data.output_dir, manifest)
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path,
                                                   trust_remote_code=cfg.model.trust_remote_code)
