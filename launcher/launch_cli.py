@@ -6,8 +6,8 @@ import shlex
 import sys
 
 from launcher.cluster import check_hosts, discover
-from launcher.launch import (check_data, check_launcher_tools, launch_argv, resolve_auto_stage, run_ranks,
-                             stage_data, write_run_dir)
+from launcher.launch import (check_data, check_launcher_tools, resolve_auto_stage, run_ranks, stage_data,
+                             write_run_dir)
 
 
 def cmd_launch(args) -> int:
@@ -28,8 +28,9 @@ def cmd_launch(args) -> int:
     stage_dir = None
     if args.stage_data and not args.dry_run:
         stage_dir = stage_data(cfg.data.output_dir, args.stage_data, cluster, manifest)
-    files = write_run_dir(cfg, cluster, manifest, stage_dir=stage_dir)
-    argv = launch_argv(cluster, files.config.resolve(), files.hostfile.resolve() if files.hostfile else None)
+    files = write_run_dir(cfg, cluster, manifest, stage_dir=stage_dir,
+                          train_args=["--no-preflight"] if args.no_preflight else [])
+    argv = files.argv
     print(_summary(cfg, cluster, files, args.stage_data))
     print(_steps_line(cfg, manifest, cluster.world_size))
     print(f"command: {shlex.join(argv)}")
@@ -37,7 +38,7 @@ def cmd_launch(args) -> int:
         print("dry run: nothing started")
         return 0
     sys.stdout.flush()
-    return run_ranks(argv)
+    return run_ranks(argv, cluster=cluster, files=files)
 
 
 def _summary(cfg, cluster, files, stage_dir) -> str:
@@ -46,7 +47,8 @@ def _summary(cfg, cluster, files, stage_dir) -> str:
              f"{cluster.master_addr}:{cluster.master_port}",
              f"run dir: {files.run_dir} (config.yaml, command.txt, launch.sh"
              f"{', assignment.json' if files.assignment else ''}{', hostfile' if files.hostfile else ''}"
-             f"{', ds_config.json' if files.ds_config else ''})",
+             f"{', ds_config.json' if files.ds_config else ''}"
+             f"{', .deepspeed_env (' + str(len(files.env_file.read_text().splitlines())) + ' variables)' if files.env_file else ''})",
              f"batch: micro {cfg.train.micro_batch_size} x accumulation {cfg.train.gradient_accumulation_steps}"
              f" x {cluster.world_size} ranks"]
     if stage_dir:
@@ -85,5 +87,7 @@ def register(subparsers, add_config_args) -> None:
     p.add_argument("--gpu-memory-gb", type=float,
                    help="memory per rank for deepspeed.zero_stage: auto (default: detected; on CPU, RAM / ranks)")
     p.add_argument("--cpu-memory-gb", type=float, help="RAM per node for auto's offload check (default: detected)")
+    p.add_argument("--no-preflight", action="store_true",
+                   help="skip the ranks' start-up check (join with a short timeout, one all-reduce, report)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the command; start nothing")
     p.set_defaults(func=cmd_launch)
