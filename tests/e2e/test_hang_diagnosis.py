@@ -16,7 +16,7 @@ from training import remove_allreduce_buffers
 from training.heartbeat import FAULT_SLEEP_ENV, read_heartbeats, stacks_path
 
 pytestmark = pytest.mark.dist
-SLEEP_AT_STEP, SLEEP_S = 3, 40
+SLEEP_AT_STEP, SLEEP_S = 3, 30
 
 
 def _status(run_dir) -> subprocess.CompletedProcess:

@@ -67,3 +67,11 @@ def test_status_without_heartbeats_is_one_clear_error(tmp_path, capsys):
     assert "no heartbeats" in capsys.readouterr().err
     with pytest.raises(Exception, match="no heartbeats"):
         status(tmp_path)
+
+
+def test_a_rank_without_any_heartbeat_is_reported_missing(tmp_path):
+    from launcher.status import format_status
+
+    beats = [_beat(0, 2, "forward", 1), _beat(2, 2, "forward", 1)]
+    text = format_status(tmp_path, rank_statuses(beats, NOW))
+    assert "missing: no heartbeat from rank(s) [1] (never started)" in text
