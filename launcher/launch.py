@@ -20,6 +20,7 @@ from pathlib import Path
 
 from launcher.cluster import Cluster, build_hostfile
 from launcher.slurm import RANK_EXIT_GRACE_S
+from training import PREEMPTED_EXIT_CODE
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TRAIN_SCRIPT = REPO_ROOT / "training" / "train.py"
@@ -31,6 +32,8 @@ FORWARDED_SIGNALS = {signal.SIGUSR1: signal.SIGUSR1, signal.SIGTERM: signal.SIGT
 REMOTE_ENV_PREFIXES = ("NCCL_", "GLOO_", "HF_", "TORCH_NCCL_", "TORCH_DISTRIBUTED_", "ZEROTUNE_")
 REMOTE_ENV_NAMES = ("DS_ACCELERATOR", "OMP_NUM_THREADS")
 DEEPSPEED_ENV_FILE = ".deepspeed_env"
+# pdsh's report of a host whose command ended: "pdsh@node-a: node-b: ssh exited with exit code 2".
+PDSH_EXIT_LINE = re.compile(r"pdsh@[^:]+: ([^:\s]+): ssh exited with exit code (\d+)")
 
 
 class LaunchError(RuntimeError):
@@ -293,20 +296,24 @@ def run_ranks(argv: list[str], cwd: str | Path = REPO_ROOT, cluster: Cluster | N
 
     The launcher runs in its own session, so a terminal's Ctrl-C reaches only this process, which turns
     it into a checkpoint-and-stop on every rank (on several hosts: over ssh, see _signal_remote_ranks).
+    On several hosts, a host whose ranks fail stops the ranks on every host (see _relay_and_watch).
     """
     argv = [_executable(argv[0]), *argv[1:]]
     env = dict(os.environ)
-    if files is not None and files.env_file is not None:
+    multi = cluster is not None and files is not None and is_multi_host(cluster)
+    if multi and files.env_file is not None:
         env["DS_ENV_FILE"] = str(files.env_file)  # an absolute name: DeepSpeed's runner reads it as is
     try:
-        proc = subprocess.Popen(argv, cwd=str(cwd), env=env, start_new_session=True)
+        proc = subprocess.Popen(argv, cwd=str(cwd), env=env, start_new_session=True,
+                                **({"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True,
+                                    "errors": "replace"} if multi else {}))
     except FileNotFoundError:
         raise LaunchError(f"{argv[0]} not found: install DeepSpeed in this environment (pip install deepspeed)"
                           f" or put it on PATH") from None
 
     def forward(signum, _frame):
         sent = FORWARDED_SIGNALS[signum]
-        if cluster is not None and files is not None and is_multi_host(cluster):
+        if multi:
             _signal_remote_ranks(cluster, files.config.resolve(), sent)
             return
         for pid in _rank_pids(proc.pid):
@@ -317,10 +324,37 @@ def run_ranks(argv: list[str], cwd: str | Path = REPO_ROOT, cluster: Cluster | N
 
     previous = {s: signal.signal(s, forward) for s in FORWARDED_SIGNALS}
     try:
+        if multi:
+            _relay_and_watch(proc, cluster, files.config.resolve())
         return proc.wait()
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def failed_host(line: str) -> str | None:
+    """The host named by pdsh's line for a host whose launcher failed (not a preempted, exit-85 stop)."""
+    m = PDSH_EXIT_LINE.match(line)
+    if m and int(m.group(2)) not in (0, PREEMPTED_EXIT_CODE):
+        return m.group(1)
+    return None
+
+
+def _relay_and_watch(proc: subprocess.Popen, cluster: Cluster, config_path: Path) -> None:
+    """Copy the runner's output through; at the first host that fails, kill the ranks on every host.
+
+    pdsh waits for every host, and a rank whose peer died before the process group formed waits out its
+    connect timeout (minutes); DeepSpeed's per-host launcher does this for one host, we do it across hosts.
+    """
+    stopped = False
+    for line in proc.stdout:
+        sys.stdout.write(line)
+        sys.stdout.flush()
+        host = failed_host(line)
+        if host and not stopped:
+            stopped = True
+            print(f"zerotune launch: the ranks on {host} failed; stopping the ranks on every host", flush=True)
+            _signal_remote_ranks(cluster, config_path, signal.SIGKILL)
 
 
 def rank_pattern(config_path: str | Path, script_name: str = TRAIN_SCRIPT.name) -> str:

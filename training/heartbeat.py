@@ -5,11 +5,13 @@ Each rank keeps one small JSON file, ``RUN_DIR/heartbeats/rank-NNNNN.json``: its
 (launcher/status.py) reads them all and names the ranks that are behind or silent.
 
 Each rank also dumps the Python stacks of all its threads (faulthandler) to
-``RUN_DIR/heartbeats/rank-NNNNN.stacks``: on SIGUSR2, and when it has stayed in one phase for as long as
-the collective timeout (a rank stuck in a collective is about to time out; the dump says where it waits).
+``RUN_DIR/heartbeats/rank-NNNNN.stacks``: on SIGUSR2, and when one step (or one evaluation, or one save)
+has lasted nearly as long as the collective timeout (a rank stuck in a collective is about to time out;
+the dump says where it waits).
 
-Cost at scale: one file replace per phase change, i.e. 3 x accumulation + 2 small writes per step per rank,
-on the rank's own file (no collective, no device sync). At 64 ranks and 10 s steps, ~6 writes/s in all.
+Cost at scale: one in-place write of a fixed-size record per phase change (1 + 3 x accumulation per step)
+on the rank's own file, and one re-arm of the stall timer per step; no collective, no device sync. Measured
+in benchmarks/RESULTS.md (heartbeat cost): tens of microseconds per step against steps of 100s of ms.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ from pathlib import Path
 # "exit" is written once the rank's training has ended.
 PHASES = ("data", "forward", "backward", "step", "eval", "save", "exit")
 HEARTBEAT_DIR = "heartbeats"
+RECORD_BYTES = 1024  # the record is rewritten in place, space-padded to this size (JSON ignores the padding)
+# Phases that re-arm the stall timer: each step's start, and evaluation and saving (which may be long).
+_ARMING_PHASES = ("data", "eval", "save")
 DUMP_SIGNAL = signal.SIGUSR2
 # Test hook: "RANK:STEP:SECONDS" makes that rank sleep at the start of that step's forward (a laggard).
 FAULT_SLEEP_ENV = "ZEROTUNE_FAULT_SLEEP_IN_STEP"
@@ -47,6 +52,8 @@ class Heartbeat:
     def __init__(self, run_dir: str | Path, rank: int, world_size: int, stall_dump_s: float | None):
         self.path = heartbeat_path(run_dir, rank)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Rewritten in place (a rename per beat costs ~50x more); readers retry a torn read.
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self.identity = {"rank": rank, "world_size": world_size, "host": socket.gethostname(), "pid": os.getpid()}
         self.stall_dump_s = stall_dump_s
         # Kept open for the life of the process: faulthandler writes to its file descriptor from a signal
@@ -59,11 +66,9 @@ class Heartbeat:
     def beat(self, step: int, phase: str, micro: int = 0) -> None:
         """Record that this rank entered ``phase`` (of micro-batch ``micro``) of optimizer step ``step``."""
         record = {**self.identity, "step": step, "phase": phase, "micro": micro, "time": time.time()}
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record), encoding="utf-8")
-        os.replace(tmp, self.path)  # readers never see a half-written file
+        os.pwrite(self._fd, json.dumps(record).encode("utf-8")[:RECORD_BYTES].ljust(RECORD_BYTES), 0)
         self.step = step
-        if self.stall_dump_s:
+        if self.stall_dump_s and phase in _ARMING_PHASES:
             faulthandler.dump_traceback_later(self.stall_dump_s, repeat=False, file=self._stacks)
         if self._sleep_at and self._sleep_at[0] == step and phase == "forward" and micro == 0:
             time.sleep(self._sleep_at[1])
@@ -74,6 +79,7 @@ class Heartbeat:
         faulthandler.cancel_dump_traceback_later()
         faulthandler.unregister(DUMP_SIGNAL)
         self._stacks.close()
+        os.close(self._fd)
 
 
 def _fault_sleep(rank: int) -> tuple[int, float] | None:
@@ -107,11 +113,13 @@ def enable_flight_recorder(run_dir: str | Path, cuda: bool | None = None) -> dic
 
 
 def read_heartbeats(run_dir: str | Path) -> list[dict]:
-    """Every rank's last heartbeat in ``run_dir``, by rank (a file being replaced is read on the next try)."""
+    """Every rank's last heartbeat in ``run_dir``, by rank (a read torn by a concurrent write is retried)."""
     beats = []
     for path in sorted((Path(run_dir) / HEARTBEAT_DIR).glob("rank-*.json")):
-        try:
-            beats.append(json.loads(path.read_text(encoding="utf-8")))
-        except (OSError, json.JSONDecodeError):
-            continue
+        for _ in range(5):
+            try:
+                beats.append(json.loads(path.read_bytes()))
+                break
+            except (OSError, json.JSONDecodeError):
+                time.sleep(0.01)
     return sorted(beats, key=lambda b: b["rank"])

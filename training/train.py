@@ -109,6 +109,10 @@ def init_distributed(cfg: RunConfig, preflight: bool = True) -> None:
         return
     accelerator = get_accelerator()
     accelerator.set_device(int(os.environ["LOCAL_RANK"]))
+    # On CPU, DeepSpeed compiles its shared-memory op the first time (a minute): before the preflight's clock.
+    from deepspeed.comm.torch import build_shm_op
+
+    build_shm_op()
     run_preflight(lambda t: deepspeed.init_distributed(timeout=t), accelerator.communication_backend_name(),
                   accelerator.device_name(int(os.environ["LOCAL_RANK"])), timeout,
                   print_fn=lambda text: print(text, flush=True))

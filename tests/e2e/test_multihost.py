@@ -9,6 +9,7 @@ error before any rank starts.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -52,7 +53,7 @@ def _env() -> dict:
     return env
 
 
-def _launch(hosts, run_yaml: Path, log: Path, *extra: str, on_host_a: bool = True) -> subprocess.Popen:
+def _launch(hosts, run_yaml: Path, log: Path, *extra: str, on_host_a: bool = True, **env) -> subprocess.Popen:
     """`zerotune launch` on host a with a hostfile of both hosts (or, ``on_host_a=False``, 2 local ranks)."""
     cmd = [sys.executable, "-m", "launcher.cli", "launch", str(run_yaml), "--master-port", str(_free_port()), *extra]
     if on_host_a:
@@ -61,7 +62,8 @@ def _launch(hosts, run_yaml: Path, log: Path, *extra: str, on_host_a: bool = Tru
         cmd = hosts.on_host_a([*cmd, "--hostfile", str(hostfile)])
     else:
         cmd += ["--num-gpus", "2"]
-    return subprocess.Popen(cmd, cwd=REPO_ROOT, env=_env(), stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    return subprocess.Popen(cmd, cwd=REPO_ROOT, env={**_env(), **env}, stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT)
 
 
 def _finish(proc: subprocess.Popen, run_dir: Path, timeout: float = LAUNCH_TIMEOUT_S) -> int:
@@ -123,6 +125,8 @@ def test_two_hosts_train_like_one_host_with_two_ranks(hosts, write_run, tmp_path
         runs[where] = {step: values[-1] for step, values in train_losses(run_yaml.parent / "out").items()}
     text = (tmp_path / "two-hosts.log").read_text()
     assert "rendezvous zt-hosta:" in text
+    assert "preflight: 2 ranks on 2 host(s) joined (gloo, rendezvous zt-hosta:" in text
+    assert "rank    1  zt-hostb                 binds 198.18.0.2 (zt0)" in text
     assert sorted(runs["two-hosts"]) == list(range(1, MAX_STEPS + 1))
     diff = max(abs(runs["two-hosts"][s] - runs["one-host"][s]) for s in runs["one-host"])
     assert diff <= 1e-6, (runs, diff)
@@ -183,3 +187,27 @@ def test_unreachable_host_is_one_error_before_any_rank_starts(hosts, write_run, 
     assert "Traceback" not in text
     assert elapsed < 30
     assert not (run_yaml.parent / "out" / "metrics.jsonl").exists()
+
+
+def test_ranks_binding_an_interface_the_other_host_cannot_reach_fail_the_preflight_fast(hosts, write_run, tmp_path):
+    """GLOO_SOCKET_IFNAME=lo in the launching shell reaches host b through .deepspeed_env; each rank then
+    offers the other a loopback address. The preflight fails on host b in well under a minute, naming the
+    host and the variable, and the job ends on both hosts soon after (not after the 30-minute timeout)."""
+    from training.preflight import PREFLIGHT_TIMEOUT_S
+
+    run_yaml = _run_yaml(write_run, tmp_path, deepspeed={"timeout_minutes": 30})
+    log = tmp_path / "launch.log"
+    proc = _launch(hosts, run_yaml, log, GLOO_SOCKET_IFNAME="lo")
+    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+    while "error: preflight: rank 1 on host zt-hostb" not in log.read_text() and proc.poll() is None:
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.2)
+    rc = _finish(proc, run_yaml.parent / "out", timeout=30)  # both hosts' ranks gone within 30 s of the error
+    text = log.read_text()
+    assert rc != 0, text[-4000:]
+    failures = re.findall(r"error: preflight: rank (\d) on host (\S+) could not join .* within (\d+)s", text)
+    assert ("1", "zt-hostb") in {(rank, host) for rank, host, _ in failures}, text[-4000:]
+    assert all(int(seconds) <= PREFLIGHT_TIMEOUT_S + 5 for _, _, seconds in failures) and PREFLIGHT_TIMEOUT_S < 60
+    assert "binds 127.0.0.1 (lo, from GLOO_SOCKET_IFNAME)" in text and "GLOO_SOCKET_IFNAME names an interface" in text
+    assert "the ranks on zt-hostb failed; stopping the ranks on every host" in text
+    assert "step      1/" not in text

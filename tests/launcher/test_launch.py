@@ -225,3 +225,12 @@ def test_rank_pattern_matches_this_runs_ranks_only():
     assert pattern.search(rank)
     assert not pattern.search(per_host_launcher)
     assert not pattern.search(rank.replace("a-1", "a-2"))
+
+
+def test_a_failed_host_is_read_from_pdsh_but_a_preempted_one_is_not():
+    from launcher.launch import failed_host
+
+    assert failed_host("pdsh@node-a: node-b: ssh exited with exit code 2\n") == "node-b"
+    assert failed_host("pdsh@node-a: node-b: ssh exited with exit code 247\n") == "node-b"
+    assert failed_host("pdsh@node-a: node-b: ssh exited with exit code 85\n") is None
+    assert failed_host("node-b: step 3 | loss 1.0 ssh exited with exit code 2\n") is None

@@ -41,18 +41,28 @@ def test_sigusr2_dumps_every_threads_stack_to_the_ranks_file(tmp_path):
     assert _in_this_test_file(text)
 
 
-def test_a_phase_as_long_as_the_stall_limit_dumps_stacks_once(tmp_path):
+def test_a_step_as_long_as_the_stall_limit_dumps_stacks(tmp_path):
     hb = Heartbeat(tmp_path, rank=1, world_size=2, stall_dump_s=0.3)
     try:
-        hb.beat(1, "forward")
+        hb.beat(1, "data")
         time.sleep(0.1)
-        hb.beat(1, "backward")  # re-arms: no dump yet
+        hb.beat(2, "data")  # a new step re-arms: no dump yet
+        hb.beat(2, "forward")
         assert stacks_path(tmp_path, 1).read_text() == ""
-        time.sleep(1.0)  # now stuck past the limit
+        time.sleep(1.0)  # now stuck in step 2 past the limit
     finally:
         hb.close()
     text = stacks_path(tmp_path, 1).read_text()
     assert "Timeout" in text and _in_this_test_file(text)
+
+
+def test_a_shorter_record_overwrites_a_longer_one_cleanly(tmp_path):
+    hb = Heartbeat(tmp_path, rank=0, world_size=1, stall_dump_s=None)
+    hb.beat(123456, "backward", micro=17)
+    hb.beat(1, "data")
+    hb.close()
+    beat = read_heartbeats(tmp_path)[0]
+    assert (beat["step"], beat["phase"], beat["micro"]) == (1, "exit", 0)
 
 
 def test_fault_hook_sleeps_only_the_named_rank_at_the_named_step(tmp_path, monkeypatch):
