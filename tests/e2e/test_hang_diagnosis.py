@@ -58,8 +58,9 @@ def test_sleeping_rank_is_named_behind_and_the_other_waits_in_a_collective(deeps
             os.kill(beats[rank]["pid"], signal.SIGUSR2)
         time.sleep(2)
         waiting, sleeping = (stacks_path(run_dir, r).read_text() for r in (0, 1))
-        # Rank 0 is inside the engine's backward, called from the driver's step: where it waits for rank 1.
-        assert "line" in waiting and "in backward" in waiting and "in _train_step" in waiting, waiting
+        # Rank 0 is in the gradient all-reduce of the engine's backward, called from the driver's step: it
+        # waits there for rank 1.
+        assert "in all_reduce" in waiting and "in backward" in waiting and "in _train_step" in waiting, waiting
         assert "in beat" in sleeping and "heartbeat.py" in sleeping, sleeping
         out, _ = proc.communicate(timeout=600)
     finally:
