@@ -98,6 +98,53 @@ def verify_shards(data_dir: str | Path, manifest: dict | None = None) -> None:
                                     f"manifest.json (corrupt or changed); run `zerotune prep` again")
 
 
+# dtype of each array and its length from a shard's manifest entry (FORMAT.md).
+_ARRAY_LAYOUT = {"input_ids": ("<i4", "tokens", 0), "labels": ("<i4", "tokens", 0),
+                 "position_ids": ("<i4", "tokens", 0), "offsets": ("<i8", "sequences", 1)}
+
+
+def check_shard_files(data_dir: str | Path, manifest: dict) -> None:
+    """Cheap check of every shard file against the manifest: present, a .npy header with the dtype and
+    length the manifest implies, and exactly as many bytes as that header says. Reads headers only
+    (the full checksums are ``verify_shards``'s, run by `zerotune launch`); raises ManifestError naming
+    the first bad file."""
+    for split, info in manifest["splits"].items():
+        for shard in info["shards"]:
+            for name, path in shard_files(data_dir, split, shard["name"]).items():
+                dtype, count_key, extra = _ARRAY_LAYOUT[name]
+                problem = _npy_problem(path, np.dtype(dtype), (int(shard[count_key]) + extra,))
+                if problem:
+                    raise ManifestError(f"{path}: {problem}, not what manifest.json says (truncated, corrupt or "
+                                        f"from another prep); copy the data folder again or run `zerotune prep "
+                                        f"CONFIG --force`")
+
+
+_NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
+def _npy_problem(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> str | None:
+    """What is wrong with one .npy file against the expected dtype and shape, or None."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            read_header = _NPY_HEADER_READERS.get(version)
+            if read_header is None:
+                return f"has .npy format version {version}, which prep never writes"
+            got_shape, _, got_dtype = read_header(fh)
+            data_start = fh.tell()
+    except FileNotFoundError:
+        return "missing"
+    except (OSError, ValueError) as exc:
+        return f"unreadable .npy header ({exc})"
+    if got_dtype != dtype or tuple(got_shape) != shape:
+        return f"holds {got_dtype.str}{list(got_shape)}, expected {dtype.str}{list(shape)}"
+    expected = data_start + dtype.itemsize * int(np.prod(shape))
+    if size != expected:
+        return f"has {size} bytes, its header says {expected}"
+    return None
+
+
 def tokenizer_hash(tokenizer) -> str:
     """sha256 of a tokenizer's vocabulary and special tokens (the manifest's ``tokenizer.hash``).
 

@@ -89,7 +89,8 @@ def _register_optional() -> None:
     import importlib
 
     _EXTRA_COMMANDS.clear()  # main() may run more than once in one process (tests)
-    for module in ("training.export_cli", "launcher.plan_cli", "launcher.launch_cli", "launcher.slurm_cli"):
+    for module in ("training.export_cli", "launcher.plan_cli", "launcher.launch_cli", "launcher.slurm_cli",
+                   "launcher.status"):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:

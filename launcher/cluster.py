@@ -185,17 +185,24 @@ def local_gpu_count() -> int:
 
 
 def discover(hostfile: str | None = None, num_gpus: int | None = None,
-             env: Mapping[str, str] | None = None, master_port: int = DEFAULT_MASTER_PORT) -> Cluster:
-    """Pick the cluster: an explicit hostfile, else a SLURM allocation, else this machine."""
+             env: Mapping[str, str] | None = None, master_port: int = DEFAULT_MASTER_PORT,
+             master_addr: str | None = None) -> Cluster:
+    """Pick the cluster: an explicit hostfile, else a SLURM allocation, else this machine.
+
+    ``master_addr`` (``--master-addr``) overrides the rendezvous address of a hostfile cluster.
+    """
     env = os.environ if env is None else env
+    if master_addr and not hostfile:
+        raise ClusterError("--master-addr applies to --hostfile launches (one machine rendezvouses on "
+                           "127.0.0.1; under SLURM set MASTER_ADDR in the job instead)")
     if hostfile:
         try:
             text = open(hostfile, encoding="utf-8").read()
         except OSError as exc:
             raise ClusterError(f"hostfile {hostfile}: cannot read it ({exc.strerror})") from None
         hosts = parse_hostfile(text, source=hostfile)
-        return Cluster(hosts, "hostfile", master_addr=_rendezvous(hosts[0].name), master_port=master_port,
-                       hostfile=hostfile)
+        return Cluster(hosts, "hostfile", master_addr=rendezvous_addr(hosts, master_addr, source=hostfile),
+                       master_port=master_port, hostfile=hostfile)
     if env.get("SLURM_JOB_NODELIST") and num_gpus is None:
         hosts = slurm_hosts(env)
         return Cluster(hosts, "slurm", master_addr=hosts[0].name, master_port=master_port)
@@ -212,8 +219,31 @@ def discover(hostfile: str | None = None, num_gpus: int | None = None,
     return Cluster([Host("localhost", num_gpus)], "local", master_port=master_port)
 
 
-def _rendezvous(name: str) -> str:
-    return "127.0.0.1" if is_local_host(name) else name
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+def rendezvous_addr(hosts: list[Host], master_addr: str | None = None, source: str = "hostfile") -> str:
+    """The address every rank rendezvouses at: rank 0's host (the first), as the other hosts reach it.
+
+    One host: loopback when it is this machine. Several hosts: the first host's name as the hostfile
+    spells it (the name the other hosts resolve), never loopback, even when the launch starts on that
+    host: a remote rank given 127.0.0.1 would rendezvous with itself and hang. A first host written as
+    ``localhost`` is this machine, so its hostname stands in. ``master_addr`` (``--master-addr``) wins.
+    """
+    first = hosts[0].name
+    if len(hosts) == 1:
+        return master_addr or ("127.0.0.1" if is_local_host(first) else first)
+    chosen = master_addr or (socket.gethostname() if _is_loopback(first) else first)
+    if _is_loopback(chosen):
+        what = f"--master-addr {chosen}" if master_addr else f"{source}: the first host, {first},"
+        raise ClusterError(f"{what} is a loopback address, but {len(hosts)} hosts take part and the others "
+                           f"cannot reach it; name the first host as the other hosts resolve it, or pass "
+                           f"--master-addr with an address of it they can reach")
+    return chosen
+
+
+def _is_loopback(name: str) -> bool:
+    return name in LOOPBACK_NAMES or name.startswith("127.")
 
 
 def is_local_host(name: str) -> bool:

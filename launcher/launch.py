@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -19,11 +20,20 @@ from pathlib import Path
 
 from launcher.cluster import Cluster, build_hostfile
 from launcher.slurm import RANK_EXIT_GRACE_S
+from training import PREEMPTED_EXIT_CODE
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TRAIN_SCRIPT = REPO_ROOT / "training" / "train.py"
-# Signals a scheduler sends before it stops a job; forwarded to the ranks, which checkpoint and exit 85.
-FORWARDED_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+# Signals a scheduler sends before it stops a job, and Ctrl-C; forwarded to the ranks (SIGINT as SIGTERM),
+# which checkpoint and exit 85.
+FORWARDED_SIGNALS = {signal.SIGUSR1: signal.SIGUSR1, signal.SIGTERM: signal.SIGTERM, signal.SIGINT: signal.SIGTERM}
+# Variables the ranks on other hosts need from the launching shell. DeepSpeed's pdsh runner passes on only
+# a few prefixes of its own (PYTHON*, UCX*, ...), plus what its .deepspeed_env file lists: we write that file.
+REMOTE_ENV_PREFIXES = ("NCCL_", "GLOO_", "HF_", "TORCH_NCCL_", "TORCH_DISTRIBUTED_", "ZEROTUNE_")
+REMOTE_ENV_NAMES = ("DS_ACCELERATOR", "OMP_NUM_THREADS")
+DEEPSPEED_ENV_FILE = ".deepspeed_env"
+# pdsh's report of a host whose command ended: "pdsh@node-a: node-b: ssh exited with exit code 2".
+PDSH_EXIT_LINE = re.compile(r"pdsh@[^:]+: ([^:\s]+): ssh exited with exit code (\d+)")
 
 
 class LaunchError(RuntimeError):
@@ -43,6 +53,8 @@ class RunFiles:
     assignment: Path | None = None
     hostfile: Path | None = None
     ds_config: Path | None = None
+    env_file: Path | None = None  # .deepspeed_env: variables for the ranks on other hosts
+    argv: list[str] = dataclasses.field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- pure: argv
@@ -76,11 +88,25 @@ def srun_argv(cluster: Cluster, config_path: str | Path, train_script: str | Pat
 
 
 def launch_argv(cluster: Cluster, config_path: str | Path, hostfile_path: str | Path | None = None,
-                train_script: str | Path = TRAIN_SCRIPT) -> list[str]:
-    """srun inside a SLURM allocation, the deepspeed launcher otherwise."""
+                train_script: str | Path = TRAIN_SCRIPT, train_args: list[str] = ()) -> list[str]:
+    """srun inside a SLURM allocation, the deepspeed launcher otherwise; ``train_args`` go to train.py."""
     if cluster.source == "slurm":
-        return srun_argv(cluster, config_path, train_script, python=sys.executable)
-    return deepspeed_argv(cluster, config_path, train_script, hostfile_path)
+        return srun_argv(cluster, config_path, train_script, python=sys.executable) + list(train_args)
+    return deepspeed_argv(cluster, config_path, train_script, hostfile_path) + list(train_args)
+
+
+def remote_env(env: dict) -> dict[str, str]:
+    """The variables of ``env`` that ranks on other hosts need (REMOTE_ENV_PREFIXES, REMOTE_ENV_NAMES).
+
+    Left out: values spanning lines (DeepSpeed's file format is one KEY=VALUE per line) and secrets
+    (HF_TOKEN...: the file lies in the run dir; give each host its own token file instead)."""
+    return {k: v for k, v in sorted(env.items())
+            if (k.startswith(REMOTE_ENV_PREFIXES) or k in REMOTE_ENV_NAMES) and "\n" not in v and "TOKEN" not in k}
+
+
+def is_multi_host(cluster: Cluster) -> bool:
+    """Ranks on several hosts, started over ssh by DeepSpeed's pdsh runner."""
+    return cluster.source == "hostfile" and cluster.num_nodes > 1
 
 
 def check_launcher_tools(cluster: Cluster, which=shutil.which) -> None:
@@ -211,8 +237,10 @@ def _run_checked(cmd: list[str], what: str) -> None:
 # --------------------------------------------------------------------------- run dir
 
 
-def write_run_dir(cfg, cluster: Cluster, manifest: dict | None, stage_dir: str | None = None) -> RunFiles:
-    """Write config.yaml, hostfile, assignment.json, ds_config.json (when computable), command and launch.sh."""
+def write_run_dir(cfg, cluster: Cluster, manifest: dict | None, stage_dir: str | None = None,
+                  train_args: list[str] = ()) -> RunFiles:
+    """Write config.yaml, hostfile, assignment.json, ds_config.json (when computable), command and launch.sh,
+    and for several hosts .deepspeed_env (the NCCL_*, GLOO_*, HF_*... variables of this shell)."""
     from training.config import save_config
 
     run_dir = Path(cfg.output_dir)
@@ -232,12 +260,19 @@ def write_run_dir(cfg, cluster: Cluster, manifest: dict | None, stage_dir: str |
         files.assignment = run_dir / "assignment.json"
         files.assignment.write_text(json.dumps(assignment_summary(manifest, cluster.world_size)), encoding="utf-8")
     files.ds_config = _write_ds_config(cfg, cluster.world_size, run_dir)
-    argv = launch_argv(cluster, files.config.resolve(), files.hostfile.resolve() if files.hostfile else None)
-    command = shlex.join(argv)
+    export = ""
+    if is_multi_host(cluster):
+        files.env_file = (run_dir / DEEPSPEED_ENV_FILE).resolve()
+        files.env_file.write_text("".join(f"{k}={v}\n" for k, v in remote_env(dict(os.environ)).items()),
+                                  encoding="utf-8")
+        export = f"export DS_ENV_FILE={shlex.quote(str(files.env_file))}\n"
+    files.argv = launch_argv(cluster, files.config.resolve(), files.hostfile.resolve() if files.hostfile else None,
+                             train_args=train_args)
+    command = shlex.join(files.argv)
     files.command.write_text(command + "\n", encoding="utf-8")
     files.launch_sh.write_text("#!/usr/bin/env bash\n# Written by `zerotune launch`; rerun to restart "
                                "(training resumes from checkpoints/latest).\nset -euo pipefail\n"
-                               f"cd {shlex.quote(str(REPO_ROOT))}\nexec {command}\n", encoding="utf-8")
+                               f"cd {shlex.quote(str(REPO_ROOT))}\n{export}exec {command}\n", encoding="utf-8")
     files.launch_sh.chmod(0o755)
     return files
 
@@ -255,28 +290,90 @@ def _write_ds_config(cfg, world_size: int, run_dir: Path) -> Path:
 # --------------------------------------------------------------------------- run
 
 
-def run_ranks(argv: list[str], cwd: str | Path = REPO_ROOT) -> int:
-    """Start the launcher, forward preemption signals to the ranks, and return the launcher's exit code."""
+def run_ranks(argv: list[str], cwd: str | Path = REPO_ROOT, cluster: Cluster | None = None,
+              files: RunFiles | None = None) -> int:
+    """Start the launcher, forward preemption signals to the ranks, and return the launcher's exit code.
+
+    The launcher runs in its own session, so a terminal's Ctrl-C reaches only this process, which turns
+    it into a checkpoint-and-stop on every rank (on several hosts: over ssh, see _signal_remote_ranks).
+    On several hosts, a host whose ranks fail stops the ranks on every host (see _relay_and_watch).
+    """
     argv = [_executable(argv[0]), *argv[1:]]
+    env = dict(os.environ)
+    multi = cluster is not None and files is not None and is_multi_host(cluster)
+    if multi and files.env_file is not None:
+        env["DS_ENV_FILE"] = str(files.env_file)  # an absolute name: DeepSpeed's runner reads it as is
     try:
-        proc = subprocess.Popen(argv, cwd=str(cwd))
+        proc = subprocess.Popen(argv, cwd=str(cwd), env=env, start_new_session=True,
+                                **({"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True,
+                                    "errors": "replace"} if multi else {}))
     except FileNotFoundError:
         raise LaunchError(f"{argv[0]} not found: install DeepSpeed in this environment (pip install deepspeed)"
                           f" or put it on PATH") from None
 
     def forward(signum, _frame):
+        sent = FORWARDED_SIGNALS[signum]
+        if multi:
+            _signal_remote_ranks(cluster, files.config.resolve(), sent)
+            return
         for pid in _rank_pids(proc.pid):
             try:
-                os.kill(pid, signum)
+                os.kill(pid, sent)
             except ProcessLookupError:
                 pass
 
     previous = {s: signal.signal(s, forward) for s in FORWARDED_SIGNALS}
     try:
+        if multi:
+            _relay_and_watch(proc, cluster, files.config.resolve())
         return proc.wait()
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def failed_host(line: str) -> str | None:
+    """The host named by pdsh's line for a host whose launcher failed (not a preempted, exit-85 stop)."""
+    m = PDSH_EXIT_LINE.match(line)
+    if m and int(m.group(2)) not in (0, PREEMPTED_EXIT_CODE):
+        return m.group(1)
+    return None
+
+
+def _relay_and_watch(proc: subprocess.Popen, cluster: Cluster, config_path: Path) -> None:
+    """Copy the runner's output through; at the first host that fails, kill the ranks on every host.
+
+    pdsh waits for every host, and a rank whose peer died before the process group formed waits out its
+    connect timeout (minutes); DeepSpeed's per-host launcher does this for one host, we do it across hosts.
+    """
+    stopped = False
+    for line in proc.stdout:
+        sys.stdout.write(line)
+        sys.stdout.flush()
+        host = failed_host(line)
+        if host and not stopped:
+            stopped = True
+            print(f"zerotune launch: the ranks on {host} failed; stopping the ranks on every host", flush=True)
+            _signal_remote_ranks(cluster, config_path, signal.SIGKILL)
+
+
+def rank_pattern(config_path: str | Path, script_name: str = TRAIN_SCRIPT.name) -> str:
+    """A `pkill -f` pattern for this run's ranks only: the training script with the --local_rank the
+    deepspeed launcher gives each rank, then this run's config (the per-host launchers have no --local_rank)."""
+    return f"{re.escape(script_name)} --local_rank=[0-9]+ --config {re.escape(str(config_path))}"
+
+
+def _signal_remote_ranks(cluster: Cluster, config_path: Path, signum: int) -> None:
+    """Send ``signum`` to this run's ranks on every host, over ssh (the ranks are children of sshd there,
+    not of this process); one ssh per host, in parallel, not waited for past 30 s."""
+    remote = f"pkill -{signal.Signals(signum).name[3:]} -f {shlex.quote(rank_pattern(config_path))}"
+    procs = [subprocess.Popen(["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10", host.name, remote],
+                              stdin=subprocess.DEVNULL) for host in cluster.hosts]
+    for p in procs:
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
 
 
 def _executable(name: str) -> str:

@@ -6,8 +6,8 @@ import shlex
 import sys
 
 from launcher.cluster import check_hosts, discover
-from launcher.launch import (check_data, check_launcher_tools, launch_argv, resolve_auto_stage, run_ranks,
-                             stage_data, write_run_dir)
+from launcher.launch import (check_data, check_launcher_tools, resolve_auto_stage, run_ranks, stage_data,
+                             write_run_dir)
 
 
 def cmd_launch(args) -> int:
@@ -15,7 +15,8 @@ def cmd_launch(args) -> int:
     from training.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    cluster = discover(hostfile=args.hostfile, num_gpus=args.num_gpus, master_port=args.master_port)
+    cluster = discover(hostfile=args.hostfile, num_gpus=args.num_gpus, master_port=args.master_port,
+                       master_addr=args.master_addr)
     cfg.validate(cluster.world_size)
     if cluster.source != "slurm":
         check_hosts(cluster, ssh_timeout_s=args.ssh_timeout)
@@ -27,8 +28,9 @@ def cmd_launch(args) -> int:
     stage_dir = None
     if args.stage_data and not args.dry_run:
         stage_dir = stage_data(cfg.data.output_dir, args.stage_data, cluster, manifest)
-    files = write_run_dir(cfg, cluster, manifest, stage_dir=stage_dir)
-    argv = launch_argv(cluster, files.config.resolve(), files.hostfile.resolve() if files.hostfile else None)
+    files = write_run_dir(cfg, cluster, manifest, stage_dir=stage_dir,
+                          train_args=["--no-preflight"] if args.no_preflight else [])
+    argv = files.argv
     print(_summary(cfg, cluster, files, args.stage_data))
     print(_steps_line(cfg, manifest, cluster.world_size))
     print(f"command: {shlex.join(argv)}")
@@ -36,7 +38,7 @@ def cmd_launch(args) -> int:
         print("dry run: nothing started")
         return 0
     sys.stdout.flush()
-    return run_ranks(argv)
+    return run_ranks(argv, cluster=cluster, files=files)
 
 
 def _summary(cfg, cluster, files, stage_dir) -> str:
@@ -45,7 +47,8 @@ def _summary(cfg, cluster, files, stage_dir) -> str:
              f"{cluster.master_addr}:{cluster.master_port}",
              f"run dir: {files.run_dir} (config.yaml, command.txt, launch.sh"
              f"{', assignment.json' if files.assignment else ''}{', hostfile' if files.hostfile else ''}"
-             f"{', ds_config.json' if files.ds_config else ''})",
+             f"{', ds_config.json' if files.ds_config else ''}"
+             f"{', .deepspeed_env (' + str(len(files.env_file.read_text().splitlines())) + ' variables)' if files.env_file else ''})",
              f"batch: micro {cfg.train.micro_batch_size} x accumulation {cfg.train.gradient_accumulation_steps}"
              f" x {cluster.world_size} ranks"]
     if stage_dir:
@@ -76,11 +79,15 @@ def register(subparsers, add_config_args) -> None:
     where.add_argument("--hostfile", help="DeepSpeed hostfile: one 'HOST slots=N' line per machine")
     where.add_argument("--num-gpus", type=int, help="ranks on this machine (on CPU: N gloo processes)")
     p.add_argument("--master-port", type=int, default=29500)
+    p.add_argument("--master-addr", help="rendezvous address of a --hostfile launch (default: the first host's "
+                                         "name as written in the hostfile; it must be one every host reaches)")
     p.add_argument("--ssh-timeout", type=int, default=5, help="seconds to wait for each remote host's ssh")
     p.add_argument("--stage-data", metavar="DIR",
                    help="copy shards to node-local DIR first (sbcast under SLURM) and verify checksums")
     p.add_argument("--gpu-memory-gb", type=float,
                    help="memory per rank for deepspeed.zero_stage: auto (default: detected; on CPU, RAM / ranks)")
     p.add_argument("--cpu-memory-gb", type=float, help="RAM per node for auto's offload check (default: detected)")
+    p.add_argument("--no-preflight", action="store_true",
+                   help="skip the ranks' start-up check (join with a short timeout, one all-reduce, report)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the command; start nothing")
     p.set_defaults(func=cmd_launch)

@@ -81,6 +81,7 @@ class RunContext:
     logger: MetricsLogger
     model_shape: dict
     log_every_steps: int = 1
+    heartbeat: object = None  # a training.heartbeat.Heartbeat, told each phase change (None: no heartbeats)
 
 
 class Driver:
@@ -115,6 +116,7 @@ class Driver:
         self.engine.train()
         while self.progress.step < self.total_steps and not self.progress.stopped_early:
             t0 = time.perf_counter()
+            self._beat("data")
             # A loop's prepare_batch may draw random numbers: a preemption save must hold the RNG states
             # from before it, or the resumed step would draw differently.
             rng_before_step = ckpt.capture_rng_state()
@@ -149,12 +151,15 @@ class Driver:
         miscount = torch.zeros((), dtype=torch.float64, device=self.device)
         stage0_norm = None
         for k, (batch, count) in enumerate(zip(batches, counts)):
+            self._beat("forward", k)
             loss_sum, scored = self.loop.compute_loss(self.engine, batch)
             # Checked when the sums come back, on every rank at once; no host sync per micro-batch.
             miscount += (torch.as_tensor(scored, device=self.device).double().sum() - count).abs()
+            self._beat("backward", k)
             self.engine.backward(loss_sum * scale, scale_wrt_gas=False)
             if k == len(batches) - 1 and logs:
                 stage0_norm = self._stage0_grad_norm()
+            self._beat("step", k)
             self.engine.step()
             loss_total += loss_sum.detach().double()
         self._advance_position()
@@ -235,6 +240,7 @@ class Driver:
         seqs = RankSequences.open(self.ctx.data_dir, self.ctx.manifest, split, self.rank, self.world_size)
         if len(seqs) == 0:
             return None
+        self._beat("eval", step=self.progress.step)
         self.engine.eval()
         try:
             loss_sum, tokens = self.loop.evaluate(
@@ -286,6 +292,7 @@ class Driver:
         """Save a complete checkpoint for the current step on all ranks (a collective); ``rng_state`` (from
         ckpt.capture_rng_state) replaces the current RNG states in it."""
         p = self.progress
+        self._beat("save", step=p.step)
         tag = ckpt.tag_for_step(p.step)
         folder = self.root / tag
         if self.rank == 0 and folder.exists() and not ckpt.is_complete(folder):
@@ -366,6 +373,11 @@ class Driver:
                                  f"with the new one")
 
     # ------------------------------------------------------------------ helpers
+
+    def _beat(self, phase: str, micro: int = 0, step: Optional[int] = None) -> None:
+        """Heartbeat: this rank enters ``phase`` of ``step`` (default: the step being run)."""
+        if self.ctx.heartbeat is not None:
+            self.ctx.heartbeat.beat(self.progress.step + 1 if step is None else step, phase, micro)
 
     def _all_sum(self, values: list[float], device_values: list[torch.Tensor] = ()) -> list[float]:
         """Sum ``values`` (host floats), then ``device_values`` (0-d tensors on the compute device, not

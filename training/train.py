@@ -23,6 +23,7 @@ if __package__ in (None, ""):  # run as a script by the deepspeed launcher: make
 from training import remove_allreduce_buffers  # noqa: E402
 from training.config import ConfigError, RunConfig, load_config, save_config  # noqa: E402
 from training.data import DataError  # noqa: E402
+from training.preflight import PreflightError  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -30,6 +31,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", required=True, help="run config (YAML)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value by dotted key (repeatable)")
+    parser.add_argument("--no-preflight", action="store_true",
+                        help="skip the start-up check (join with a short timeout, one all-reduce, report)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
                         help="set by the deepspeed launcher")
     return parser.parse_args(argv)
@@ -39,11 +42,14 @@ def validate_inputs(cfg: RunConfig, world_size: int):
     """Everything checkable before the process group starts: config arithmetic, manifest, tokenizer."""
     from transformers import AutoTokenizer
 
-    from data_prep.format import load_manifest
+    from data_prep.format import check_shard_files, load_manifest
     from training.loops import get_loop
 
     cfg.validate(world_size=world_size)
     manifest = load_manifest(cfg.data.output_dir)
+    # Sizes and headers only (the full checksums are `zerotune launch`'s): a truncated or swapped shard is
+    # one error on every rank here, not a memmap traceback on one rank and a dead peer on the others.
+    check_shard_files(cfg.data.output_dir, manifest)
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path, revision=cfg.model.revision,
                                                   trust_remote_code=cfg.model.trust_remote_code)
@@ -83,15 +89,33 @@ def check_resume_setting(cfg: RunConfig) -> None:
                           f"checkpoints ({tags[-1]}); choose a new output_dir or set checkpoint.resume: auto")
 
 
-def init_distributed(cfg: RunConfig) -> None:
-    """Start the process group (gloo on CPU, nccl on GPU) with deepspeed.timeout_minutes."""
+def init_distributed(cfg: RunConfig, preflight: bool = True) -> None:
+    """Start the process group (gloo on CPU, nccl on GPU) with deepspeed.timeout_minutes; with ``preflight``,
+    first join with a short timeout and all-reduce once (training.preflight)."""
     import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    from training.heartbeat import enable_flight_recorder
+    from training.preflight import run_preflight
 
     # Started without a launcher (python -m training.train): one rank, rendezvous on this machine.
     for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": "29511"}.items():
         os.environ.setdefault(key, value)
-    deepspeed.init_distributed(timeout=datetime.timedelta(minutes=cfg.deepspeed.timeout_minutes))
+    enable_flight_recorder(cfg.output_dir)
+    timeout = datetime.timedelta(minutes=cfg.deepspeed.timeout_minutes)
+    if not preflight:
+        deepspeed.init_distributed(timeout=timeout)
+        return
+    accelerator = get_accelerator()
+    accelerator.set_device(int(os.environ["LOCAL_RANK"]))
+    # On CPU, DeepSpeed compiles its shared-memory op the first time (a minute): before the preflight's clock.
+    from deepspeed.comm.torch import build_shm_op
+
+    build_shm_op()
+    run_preflight(lambda t: deepspeed.init_distributed(timeout=t), accelerator.communication_backend_name(),
+                  accelerator.device_name(int(os.environ["LOCAL_RANK"])), timeout,
+                  print_fn=lambda text: print(text, flush=True))
 
 
 def write_run_files(cfg: RunConfig, ds_config: dict, rank: int) -> None:
@@ -114,6 +138,7 @@ def build_driver(cfg: RunConfig, manifest: dict, tokenizer):
     from training.checkpoint import checkpoint_root, resume_splits_decay
     from training.driver import Driver, RunContext
     from training.engine import build_engine, resolve_ds_config, zero_stage
+    from training.heartbeat import Heartbeat
     from training.loops import get_loop
     from training.model import load_model
     from training.tb import MetricsLogger
@@ -133,7 +158,10 @@ def build_driver(cfg: RunConfig, manifest: dict, tokenizer):
     ctx = RunContext(train=cfg.train, eval=cfg.eval, checkpoint=cfg.checkpoint, output_dir=Path(cfg.output_dir),
                      data_dir=Path(cfg.data.output_dir), manifest=manifest, config_hash=cfg.config_hash(),
                      zero_stage=zero_stage(ds_config), tokenizer=tokenizer, logger=logger, model_shape=shape,
-                     log_every_steps=cfg.logging.log_every_steps)
+                     log_every_steps=cfg.logging.log_every_steps,
+                     # Stacks are dumped a little before a collective stuck this long would time out.
+                     heartbeat=Heartbeat(cfg.output_dir, rank, world_size,
+                                         stall_dump_s=0.9 * cfg.deepspeed.timeout_minutes * 60))
     steps = _total_steps(cfg, manifest, world_size)
     # (checkpoint.resume: never has no checkpoint to find: check_resume_setting refused such a run dir.)
     engine = build_engine(model, cfg.train, ds_config, steps, resume_splits_decay(checkpoint_root(cfg.output_dir)))
@@ -188,20 +216,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         manifest, tokenizer = validate_inputs(cfg, world_size)
-        init_distributed(cfg)
+        init_distributed(cfg, preflight=not args.no_preflight)
         driver = build_driver(cfg, manifest, tokenizer)
         code = driver.run()
         clean = True
         return code
     except Exception as exc:  # a user error is one line, not a traceback from three layers down
         if isinstance(exc, ConfigError) or getattr(exc, "user_error", False):
-            clean = True  # user errors are found alike on every rank
+            # User errors are found alike on every rank, except a failed preflight: no peer to wait for.
+            clean = not isinstance(exc, PreflightError)
             print(f"error: {exc}", file=sys.stderr, flush=True)
             return 2
         raise
     finally:
         if driver is not None:
             driver.ctx.logger.close()
+            driver.ctx.heartbeat.close()
         close_distributed(all_ranks_here=clean)
 
 

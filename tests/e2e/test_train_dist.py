@@ -474,6 +474,25 @@ def test_unknown_loop_name_is_one_line_before_any_process_group(tiny_model_dir, 
     assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
+def test_truncated_shard_is_one_error_on_every_rank_before_any_collective(deepspeed_bin, tiny_model_dir,
+                                                                         prepared, tmp_path):
+    """`deepspeed training/train.py` (no launcher checksums) on a shard 100 bytes short: exit 2 on both ranks,
+    each with one line naming the file and the fix, no memmap traceback and no dead-peer error."""
+    data = tmp_path / "data"
+    shutil.copytree(prepared, data)
+    shard = data / "train" / "shard-00001.input_ids.npy"
+    os.truncate(shard, shard.stat().st_size - 100)
+    cfg = run_config(tiny_model_dir, prepared, tmp_path / "run", stage=3)
+    cfg["data"]["output_dir"] = str(data)
+    proc = launch(deepspeed_bin, cfg)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 2, text[-4000:]
+    assert text.count(f"error: {shard}: has ") == 2, text[-4000:]  # once per rank
+    assert "zerotune prep CONFIG --force" in text
+    assert "Traceback" not in text and "Connection closed by peer" not in text
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 # --------------------------------------------------------------------------- preemption
 
 

@@ -131,3 +131,48 @@ def test_check_hosts_remote_ssh_failure_and_gpu_mismatch():
     msg = str(err.value)
     assert "remote-a does not answer ssh" in msg and "timed out" in msg
     assert "remote-b: slots=8 but it has 4 GPU(s)" in msg
+
+
+def _hostfile(tmp_path, names):
+    hf = tmp_path / "hostfile"
+    hf.write_text("".join(f"{n} slots=1\n" for n in names))
+    return str(hf)
+
+
+def test_multi_host_rendezvous_is_never_loopback_when_launched_on_the_first_host(tmp_path):
+    # Launched on node 1 itself, the normal case: its own name must be what the other hosts are given.
+    me = socket.gethostname()
+    c = discover(hostfile=_hostfile(tmp_path, [me, "node-2.example"]), env={})
+    assert c.master_addr == me
+    c = discover(hostfile=_hostfile(tmp_path, ["node-1.example", me]), env={})
+    assert c.master_addr == "node-1.example"
+
+
+def test_single_local_host_keeps_loopback(tmp_path):
+    assert discover(hostfile=_hostfile(tmp_path, [socket.gethostname()]), env={}).master_addr == "127.0.0.1"
+    assert discover(hostfile=_hostfile(tmp_path, ["localhost"]), env={}).master_addr == "127.0.0.1"
+
+
+def test_multi_host_first_host_written_as_localhost_rendezvouses_at_this_machines_name(tmp_path):
+    c = discover(hostfile=_hostfile(tmp_path, ["localhost", "node-2.example"]), env={})
+    assert c.master_addr == socket.gethostname() != "localhost"
+
+
+def test_explicit_master_addr_wins(tmp_path):
+    c = discover(hostfile=_hostfile(tmp_path, [socket.gethostname(), "node-2.example"]), env={},
+                 master_addr="10.0.0.7")
+    assert c.master_addr == "10.0.0.7"
+
+
+@pytest.mark.parametrize("names, addr, match", [
+    (["127.0.0.1", "node-2.example"], "localhost", r"--master-addr localhost is a loopback address"),
+    (["node-1.example", "node-2.example"], "127.0.0.1", r"--master-addr 127\.0\.0\.1 is a loopback address"),
+])
+def test_multi_host_loopback_master_addr_is_refused(tmp_path, names, addr, match):
+    with pytest.raises(ClusterError, match=match):
+        discover(hostfile=_hostfile(tmp_path, names), env={}, master_addr=addr)
+
+
+def test_master_addr_without_hostfile_is_refused():
+    with pytest.raises(ClusterError, match="--master-addr applies to --hostfile"):
+        discover(num_gpus=1, env={}, master_addr="10.0.0.7")

@@ -139,7 +139,7 @@ def test_stage_data_option_points_the_run_at_the_copy(make_run, tmp_path, capsys
     import launcher.launch_cli as cli_mod
 
     run_yaml = make_run()
-    monkeypatch.setattr(cli_mod, "run_ranks", lambda argv: 0)  # everything but starting the ranks
+    monkeypatch.setattr(cli_mod, "run_ranks", lambda argv, **kw: 0)  # everything but starting the ranks
     assert main(["launch", str(run_yaml), "--num-gpus", "1", "--stage-data", str(tmp_path / "local")]) == 0
     saved = yaml.safe_load((run_yaml.parent / "out" / "config.yaml").read_text())
     assert saved["data"]["output_dir"] == str(tmp_path / "local")
@@ -185,3 +185,52 @@ def test_missing_launcher_tools_are_named():
     check_launcher_tools(Cluster([Host("localhost", 2)], "local"), which=lambda name: f"/usr/bin/{name}")
     with pytest.raises(ClusterError, match="srun not found"):
         check_launcher_tools(Cluster([Host("n1", 1)], "slurm"), which=lambda name: None)
+
+
+def test_remote_env_passes_nccl_gloo_hf_and_nothing_else():
+    from launcher.launch import remote_env
+
+    env = {"NCCL_SOCKET_IFNAME": "eth0", "GLOO_SOCKET_IFNAME": "eth0", "HF_HOME": "/data/hf", "HOME": "/root",
+           "PATH": "/usr/bin", "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000", "DS_ACCELERATOR": "cpu",
+           "HF_DATASETS_CACHE": "a\nb", "HF_TOKEN": "hf_secret", "SECRET": "x"}
+    assert remote_env(env) == {"DS_ACCELERATOR": "cpu", "GLOO_SOCKET_IFNAME": "eth0", "HF_HOME": "/data/hf",
+                               "NCCL_SOCKET_IFNAME": "eth0", "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000"}
+
+
+def test_multi_host_run_dir_holds_deepspeed_env_and_launch_sh_points_at_it(make_run, monkeypatch):
+    from launcher.launch import write_run_dir
+    from training.config import load_config
+
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "eth7")
+    cfg = load_config(make_run())
+    two = Cluster([Host("n1", 1), Host("n2", 1)], "hostfile", master_addr="n1")
+    files = write_run_dir(cfg, two, None, train_args=["--no-preflight"])
+    assert files.env_file == (files.run_dir / ".deepspeed_env").resolve()
+    assert "GLOO_SOCKET_IFNAME=eth7\n" in files.env_file.read_text()
+    assert f"export DS_ENV_FILE={files.env_file}\n" in files.launch_sh.read_text()
+    assert files.argv[-1] == "--no-preflight" and files.argv[:2] == ["deepspeed", "--hostfile"]
+    one = write_run_dir(cfg, Cluster([Host("localhost", 2)], "local"), None)
+    assert one.env_file is None and "DS_ENV_FILE" not in one.launch_sh.read_text()
+
+
+def test_rank_pattern_matches_this_runs_ranks_only():
+    import re
+
+    from launcher.launch import rank_pattern
+
+    pattern = re.compile(rank_pattern("/runs/a-1/config.yaml"))
+    rank = "/venv/bin/python -u /repo/training/train.py --local_rank=3 --config /runs/a-1/config.yaml"
+    per_host_launcher = ("/venv/bin/python -u -m deepspeed.launcher.launch --world_info=x --node_rank=0 "
+                         "--master_addr=n1 --master_port=1 /repo/training/train.py --config /runs/a-1/config.yaml")
+    assert pattern.search(rank)
+    assert not pattern.search(per_host_launcher)
+    assert not pattern.search(rank.replace("a-1", "a-2"))
+
+
+def test_a_failed_host_is_read_from_pdsh_but_a_preempted_one_is_not():
+    from launcher.launch import failed_host
+
+    assert failed_host("pdsh@node-a: node-b: ssh exited with exit code 2\n") == "node-b"
+    assert failed_host("pdsh@node-a: node-b: ssh exited with exit code 247\n") == "node-b"
+    assert failed_host("pdsh@node-a: node-b: ssh exited with exit code 85\n") is None
+    assert failed_host("node-b: step 3 | loss 1.0 ssh exited with exit code 2\n") is None
