@@ -40,6 +40,7 @@ def validate_inputs(cfg: RunConfig, world_size: int):
     from transformers import AutoTokenizer
 
     from data_prep.format import load_manifest
+    from training.attention import choose_attention
     from training.loops import get_loop
 
     cfg.validate(world_size=world_size)
@@ -56,6 +57,7 @@ def validate_inputs(cfg: RunConfig, world_size: int):
                         f"{manifest.get('seq_len')}, but data.seq_len is {cfg.data.seq_len}; run `zerotune prep "
                         f"CONFIG` again (or set data.seq_len back)")
     get_loop(cfg.train.loop)  # an unknown loop name fails here, before any process starts
+    choose_attention(cfg.model.attn_implementation)  # so does an attention kernel this machine cannot run
     check_resume_setting(cfg)
     return manifest, tokenizer
 
@@ -111,10 +113,12 @@ def build_driver(cfg: RunConfig, manifest: dict, tokenizer):
 
     from transformers import set_seed
 
+    from training.attention import choose_attention
     from training.checkpoint import checkpoint_root, resume_splits_decay
     from training.driver import Driver, RunContext
     from training.engine import build_engine, resolve_ds_config, zero_stage
     from training.loops import get_loop
+    from training.loss import describe_loss
     from training.model import load_model
     from training.tb import MetricsLogger
 
@@ -126,9 +130,13 @@ def build_driver(cfg: RunConfig, manifest: dict, tokenizer):
     ds_config = resolve_ds_config(cfg.train, cfg.deepspeed, cfg.ds_config_path(), world_size)
     write_run_files(cfg, ds_config, rank)
     loop = get_loop(cfg.train.loop)(tokenizer=tokenizer)
+    loop.loss_chunk_tokens = cfg.train.loss_chunk_tokens
+    logger = MetricsLogger(cfg.tensorboard_dir(), Path(cfg.output_dir) / "metrics.jsonl", enabled=rank == 0)
+    logger.line(f"{choose_attention(cfg.model.attn_implementation).describe()} | loss: "
+                f"{describe_loss(cfg.train.loss_chunk_tokens)} | grad accumulation "
+                f"{ds_config['data_types']['grad_accum_dtype']}")
     model = load_model(cfg.model, cfg.train.precision, ds_config)
     shape = model_shape(model)
-    logger = MetricsLogger(cfg.tensorboard_dir(), Path(cfg.output_dir) / "metrics.jsonl", enabled=rank == 0)
     logger.text("config", "```yaml\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False) + "\n```", 0)
     ctx = RunContext(train=cfg.train, eval=cfg.eval, checkpoint=cfg.checkpoint, output_dir=Path(cfg.output_dir),
                      data_dir=Path(cfg.data.output_dir), manifest=manifest, config_hash=cfg.config_hash(),
