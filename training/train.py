@@ -133,8 +133,7 @@ def build_driver(cfg: RunConfig, manifest: dict, tokenizer):
     loop.loss_chunk_tokens = cfg.train.loss_chunk_tokens
     logger = MetricsLogger(cfg.tensorboard_dir(), Path(cfg.output_dir) / "metrics.jsonl", enabled=rank == 0)
     logger.line(f"{choose_attention(cfg.model.attn_implementation).describe()} | loss: "
-                f"{describe_loss(cfg.train.loss_chunk_tokens)} | grad accumulation "
-                f"{ds_config['data_types']['grad_accum_dtype']}")
+                f"{describe_loss(cfg.train.loss_chunk_tokens)}")
     model = load_model(cfg.model, cfg.train.precision, ds_config)
     shape = model_shape(model)
     logger.text("config", "```yaml\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False) + "\n```", 0)
@@ -145,6 +144,8 @@ def build_driver(cfg: RunConfig, manifest: dict, tokenizer):
     steps = _total_steps(cfg, manifest, world_size)
     # (checkpoint.resume: never has no checkpoint to find: check_resume_setting refused such a run dir.)
     engine = build_engine(model, cfg.train, ds_config, steps, resume_splits_decay(checkpoint_root(cfg.output_dir)))
+    model_dtype, accum_dtype = engine.get_data_types()
+    logger.line(f"engine: model {model_dtype}, gradients accumulate in {accum_dtype}")
     return Driver(engine, loop, ctx, steps)
 
 
