@@ -78,7 +78,7 @@ class TrainConfig:
     pad_to: Literal["batch", "seq_len"] = "batch"
     # The loss runs the LM head and cross-entropy this many tokens at a time (training/loss.py), so the full
     # fp32 logits never exist; 0 is the plain loss over all logits at once.
-    loss_chunk_tokens: int = 2048
+    loss_chunk_tokens: int = 1024
 
 
 @dataclass

@@ -44,6 +44,12 @@ def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return nn.functional.linear(hidden, weight).float()
 
 
+def _softmax_(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dimension in place (fp32 [C, V]): one chunk-sized buffer instead of two."""
+    logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
+    return logits.div_(logits.sum(dim=-1, keepdim=True))
+
+
 class ChunkedCrossEntropy(torch.autograd.Function):
     """sum_t CE(hidden[t] @ weight.T, targets[t]) over chunks of ``chunk`` tokens; backward recomputes."""
 
@@ -64,11 +70,10 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         for start in range(0, hidden.shape[0], ctx.chunk):
             h, t = hidden[start:start + ctx.chunk], targets[start:start + ctx.chunk]
-            scored = (t != IGNORE_INDEX).unsqueeze(1)
+            grad = _softmax_(_chunk_logits(h, weight))
             # d CE / d logits = softmax - one_hot(target), zero on unscored rows (no boolean indexing: no sync).
-            grad = torch.softmax(_chunk_logits(h, weight), dim=-1)
             grad.scatter_add_(1, t.clamp_min(0).unsqueeze(1), -torch.ones_like(grad[:, :1]))
-            grad = (grad * scored * grad_total).to(hidden.dtype)
+            grad = grad.mul_((t != IGNORE_INDEX).unsqueeze(1) * grad_total).to(hidden.dtype)
             grad_hidden[start:start + ctx.chunk] = grad @ weight
             grad_weight += (grad.t() @ h).float()
         return grad_hidden, grad_weight.to(weight.dtype), None, None

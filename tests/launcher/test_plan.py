@@ -173,7 +173,7 @@ def test_plan_cli_json(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "ZeRO-3 + CPU offload" in table and "chosen:" in table
     # The attention kernel and the loss the run uses (auto is sdpa on a machine without CUDA).
-    assert out["step"]["loss"] == "chunked, 2048 tokens per chunk"
+    assert out["step"]["loss"] == "chunked, 1024 tokens per chunk"
     assert "attention: auto: a varlen kernel on CUDA" in table
     assert "here auto -> " + ("sdpa" if not torch.cuda.is_available() else "") in table
 
