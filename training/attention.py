@@ -189,6 +189,9 @@ def _per_document_sdpa(original, module, query, key, value, docs: Documents, kwa
 def _torch_varlen(module, query, key, value, docs: Documents, kwargs):
     from torch.nn.attention.varlen import varlen_attn
 
+    if kwargs.get("dropout", 0.0) or kwargs.get("sliding_window"):
+        raise AttentionUnavailable("model.attn_implementation: varlen does not apply attention dropout or sliding "
+                                   "windows; use flash_attention_2 or sdpa for this model")
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [N, H, D]
     out = varlen_attn(q, k, v, docs.cu_seqlens, docs.cu_seqlens, docs.max_length, docs.max_length,
                       scale=kwargs.get("scaling"), window_size=(-1, 0), enable_gqa=q.shape[1] != k.shape[1])

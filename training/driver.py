@@ -406,9 +406,11 @@ class Driver:
 
     def _useful_flops(self, batch: dict) -> float:
         """This micro-batch's useful training FLOPs (training.tb.training_flops), from host-side bounds."""
+        from training.model import document_bounds
+
         shape = self.ctx.model_shape
         return training_flops(shape["num_params"], shape["num_layers"], shape["hidden_size"],
-                              int(batch["attention_mask"].sum()), squared_document_tokens(batch["cu_seqlens"]))
+                              int(batch["attention_mask"].sum()), squared_document_tokens(document_bounds(batch)[0]))
 
     def _mfu(self, flops_per_sec: float) -> Optional[float]:
         """Model FLOPs utilisation on GPU: the step's useful FLOPs over all ranks per second / (peak x ranks)."""

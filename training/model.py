@@ -164,6 +164,14 @@ def cu_seqlens_from_position_ids(position_ids: torch.Tensor, attention_mask: tor
     return cu, max(lengths, default=0)
 
 
+def document_bounds(batch: dict) -> tuple[torch.Tensor, int]:
+    """The collator's (cu_seqlens, max_seqlen), or the same derived from position ids when a loop's
+    prepare_batch built a batch without them."""
+    if "cu_seqlens" in batch:
+        return batch["cu_seqlens"], int(batch["max_seqlen"])
+    return cu_seqlens_from_position_ids(batch["position_ids"], batch["attention_mask"])
+
+
 def flatten_batch(batch: dict) -> dict:
     """The micro-batch as one padding-free row (host work on the collator's CPU tensors).
 
@@ -172,10 +180,7 @@ def flatten_batch(batch: dict) -> dict:
     are exactly ``labels[:, 1:] != -100``; ``index`` [N] is each token's place in the flattened [B * T].
     """
     real = batch["attention_mask"].bool()
-    if "cu_seqlens" in batch:
-        cu, longest = batch["cu_seqlens"], batch["max_seqlen"]
-    else:
-        cu, longest = cu_seqlens_from_position_ids(batch["position_ids"], batch["attention_mask"])
+    cu, longest = document_bounds(batch)
     labels = batch["labels"]
     targets = torch.full_like(labels, IGNORE_INDEX)
     targets[:, :-1] = labels[:, 1:]

@@ -195,3 +195,20 @@ def test_gpu_kernels_equal_each_document_alone(tiny_model_dir, attn, package, mi
         cos = torch.nn.functional.cosine_similarity(param.grad.float().flatten(), ref[name].grad.float().flatten(),
                                                     dim=0)
         assert cos >= 0.999, (name, float(cos))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU behaviour")
+def test_attention_choice_on_a_machine_without_cuda():
+    from training.attention import AttentionUnavailable, choose_attention
+
+    auto = choose_attention("auto")
+    assert (auto.hf_name, auto.kernel) == ("sdpa", "sdpa") and auto.describe() == "attention: auto -> sdpa"
+    assert choose_attention("eager").kernel == "eager"
+    for name, why in (("varlen", "CUDA"), ("flex_attention", "backward on CPU"), ("flash_attention_2", "CUDA")):
+        with pytest.raises(AttentionUnavailable) as exc:
+            choose_attention(name)
+        text = str(exc.value)
+        assert text.startswith(f"model.attn_implementation: {name!r} cannot be used here") and why in text
+        assert "use auto or one of sdpa, eager" in text
+    with pytest.raises(AttentionUnavailable, match=r"'flash' is not one of auto, sdpa, eager"):
+        choose_attention("flash")
