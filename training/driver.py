@@ -163,8 +163,8 @@ class Driver:
         step_time = time.perf_counter() - t0
         self._pending = _PendingStep(
             step=self.progress.step, loss_sum=loss_total, miscount=miscount, global_count=global_count,
-            global_real=global_work[0], global_flops=global_work[1], lr=lr, step_time=step_time, data_wait=data_wait, logs=logs,
-            grad_norm=_grad_norm_value(self.engine, stage0_norm) if logs else None)
+            global_real=global_work[0], global_flops=global_work[1], lr=lr, step_time=step_time,
+            data_wait=data_wait, logs=logs, grad_norm=_grad_norm_value(self.engine, stage0_norm) if logs else None)
 
     def _reduce_step_start(self, count: float, real: float, flops: float) -> tuple[float, float, float, bool]:
         """The step's one collective: sums this step's counts and the preemption flag over ranks, and the

@@ -38,7 +38,8 @@ def load_model(model_cfg, precision: str, ds_config: dict) -> nn.Module:
     """Load the causal LM named by ``model_cfg.name_or_path`` ready for training.
 
     Weights load in the training precision (``bf16``/``fp16``; ``fp32`` stays fp32), with the attention
-    ``model_cfg.attn_implementation`` resolves to here (training.attention.choose_attention), the KV cache off, and gradient checkpointing as configured.
+    ``model_cfg.attn_implementation`` resolves to here (training.attention.choose_attention), the KV cache
+    off, and gradient checkpointing as configured.
     With ZeRO stage 3 in ``ds_config`` the model is built partitioned across ranks (needs the
     process group initialised, as ``deepspeed.init_distributed`` does).
     """
