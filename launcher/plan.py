@@ -13,12 +13,16 @@ parameters):
     5*a*s/h term is the attention score matrix, which fused attention (sdpa, flash) does not keep, so it
     is counted only for ``attn_implementation: eager``. With gradient checkpointing a layer keeps only its
     16-bit input (2*s*b*h) and one layer at a time is recomputed in full. fp32 doubles every figure.
-  * Logits: b*s*vocab fp32 values and their gradient: 8*b*s*vocab bytes.
+  * Logits: with the chunked loss (``train.loss_chunk_tokens`` C > 0; training/loss.py) one chunk of
+    min(C, b*s) tokens at a time: its 16-bit logits, their fp32 copy, the log-softmax and, in backward, the
+    softmax gradient: 12*C*vocab bytes. With the plain loss (C = 0) b*s*vocab fp32 values and their
+    gradient: 8*b*s*vocab bytes (less than the truth: the 16-bit logits and the saved log-softmax come on top).
   * Overhead: CUDA context, communication buckets and allocator fragmentation, stated as
     ``OVERHEAD_FIXED_GB`` plus ``OVERHEAD_FRACTION`` of everything else.
-  * Time: 6*P FLOPs per trained token (forward + backward; Kaplan et al. 2020; P = active parameters of a
-    mixture of experts) plus 12*layers*h*s for attention (PaLM appendix B), at ``mfu`` of a stated peak
-    (989 TFLOP/s dense bf16 on an H100 SXM).
+  * Time: training.tb.training_flops (the function MFU uses): 6*P FLOPs per trained token (Kaplan et al.
+    2020; P = active parameters of a mixture of experts) plus 12*layers*h per attended (query, key) pair of
+    a document (PaLM appendix B); without the documents' lengths every token is taken to attend over a whole
+    sequence of seq_len (an upper bound), at ``mfu`` of a stated peak (989 TFLOP/s dense bf16 on an H100 SXM).
 """
 
 from __future__ import annotations
@@ -95,6 +99,7 @@ class Plan:
     reason: str
     batch: dict = field(default_factory=dict)
     host: dict = field(default_factory=dict)
+    step: dict = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -187,19 +192,22 @@ def activation_bytes(shape: ModelShape, micro_batch: int, seq_len: int, checkpoi
     return int(total * scale)
 
 
-def logits_bytes(vocab_size: int, micro_batch: int, seq_len: int) -> int:
-    """fp32 logits and their gradient for one micro batch."""
+def logits_bytes(vocab_size: int, micro_batch: int, seq_len: int, loss_chunk_tokens: int = 0) -> int:
+    """Loss memory of one micro batch: one chunk's logits with the chunked loss, else all fp32 logits and
+    their gradient (see module docstring)."""
+    if loss_chunk_tokens > 0:
+        return 12 * min(loss_chunk_tokens, micro_batch * seq_len) * vocab_size
     return 8 * micro_batch * seq_len * vocab_size
 
 
 def estimate_stages(shape: ModelShape, *, micro_batch: int, seq_len: int, checkpointing: str, every_k: int,
                     attn_implementation: str, mixed_precision: bool, num_nodes: int, gpus_per_node: int,
-                    gpu_memory_gb: float, cpu_memory_gb: float) -> list[StageEstimate]:
+                    gpu_memory_gb: float, cpu_memory_gb: float, loss_chunk_tokens: int = 0) -> list[StageEstimate]:
     """One StageEstimate per entry of AUTO_ORDER."""
     total_gpus = num_nodes * gpus_per_node
     act = activation_bytes(shape, micro_batch, seq_len, checkpointing, every_k, attn_implementation,
                            mixed_precision)
-    logit = logits_bytes(shape.vocab_size, micro_batch, seq_len)
+    logit = logits_bytes(shape.vocab_size, micro_batch, seq_len, loss_chunk_tokens)
     out = []
     for stage, offload in AUTO_ORDER:
         gpu, cpu = model_states_bytes(shape.params, shape.largest_layer_params, stage, offload, total_gpus,
@@ -288,10 +296,12 @@ def batch_arithmetic(cfg, world_size: int, shape: ModelShape, peak_tflops: float
                    steps_per_epoch=steps_per_epoch)
     out["tokens_per_step"] = tokens_per_step
     out["total_steps"] = steps
-    flops_per_token = 6 * (shape.active_params or shape.params) + \
-        12 * shape.num_layers * shape.hidden_size * cfg.data.seq_len
+    from training.tb import training_flops
+
+    step_flops = training_flops(shape.active_params or shape.params, shape.num_layers, shape.hidden_size,
+                                tokens_per_step, tokens_per_step * cfg.data.seq_len)
     if steps is not None:
-        seconds = steps * tokens_per_step * flops_per_token / (world_size * peak_tflops * 1e12 * mfu)
+        seconds = steps * step_flops / (world_size * peak_tflops * 1e12 * mfu)
         out["estimated_seconds"] = seconds
         out["estimated_hours"] = round(seconds / 3600, 2)
     return out
@@ -310,14 +320,30 @@ def make_plan(cfg, num_nodes: int = 1, gpus_per_node: int = 8, gpu_memory_gb: fl
                              every_k=cfg.model.checkpoint_every_k_layers,
                              attn_implementation=cfg.model.attn_implementation, mixed_precision=mixed,
                              num_nodes=num_nodes, gpus_per_node=gpus_per_node, gpu_memory_gb=gpu_memory_gb,
-                             cpu_memory_gb=cpu_memory_gb)
+                             cpu_memory_gb=cpu_memory_gb, loss_chunk_tokens=cfg.train.loss_chunk_tokens)
     chosen, reason = choose_stage(stages, cfg.deepspeed.zero_stage)
     hardware = {"nodes": num_nodes, "gpus_per_node": gpus_per_node, "gpu_memory_gb": gpu_memory_gb,
                 "cpu_memory_gb": cpu_memory_gb}
     batch = batch_arithmetic(cfg, num_nodes * gpus_per_node, shape, peak_tflops, mfu)
     host = host_memory(shape, cfg.train.precision, chosen["stage"] if chosen else 3, gpus_per_node, cpu_memory_gb)
     return Plan(model=asdict(shape), hardware=hardware, params=shape.params, stages=stages, chosen=chosen,
-                reason=reason, batch=batch, host=host)
+                reason=reason, batch=batch, host=host, step=step_kernels(cfg))
+
+
+def step_kernels(cfg) -> dict:
+    """The attention kernel and the loss the run will use (training.attention.choose_attention decides on
+    the training machine; this one may have no GPU)."""
+    from training.attention import AttentionUnavailable, choose_attention
+    from training.loss import describe_loss
+
+    requested = cfg.model.attn_implementation
+    try:
+        here = choose_attention(requested).describe().removeprefix("attention: ")
+    except AttentionUnavailable as exc:
+        here = f"not usable on this machine ({str(exc).split(': ', 2)[-1]})"
+    rule = ("auto: a varlen kernel on CUDA (flash_attention_2 if installed, else torch varlen_attn), else "
+            "flex_attention on CUDA, else sdpa; " if requested == "auto" else "")
+    return {"attention": f"{rule}here {here}", "loss": describe_loss(cfg.train.loss_chunk_tokens)}
 
 
 def format_plan(plan: Plan) -> str:
@@ -337,6 +363,7 @@ def format_plan(plan: Plan) -> str:
               "", f"chosen: {plan.reason}",
               f"host RAM: loading ~{plan.host['loading_gb_per_node']:.1f} GB per node, export "
               f"~{plan.host['export_gb']:.1f} GB", *[f"warning: {w}" for w in plan.host["warnings"]], "",
+              f"attention: {plan.step['attention']}", f"loss: {plan.step['loss']}", "",
               f"batch: {b['sequences_per_step']} sequences per optimizer step "
               f"(micro x accumulation x {b['world_size']} ranks), ~{b['tokens_per_step']:,} tokens per step"]
     if "steps_per_epoch" in b:

@@ -44,7 +44,9 @@ class ModelConfig:
     name_or_path: str = ""
     # A hub model's branch, tag or commit (pins the tokenizer and weights a run uses); null: the default branch.
     revision: Optional[str] = None
-    attn_implementation: str = "sdpa"
+    # auto (a varlen kernel on CUDA, else flex_attention on CUDA, else sdpa), sdpa, eager, flex_attention,
+    # varlen (torch's varlen_attn), flash_attention_2, flash_attention_3; see training/attention.py.
+    attn_implementation: str = "auto"
     # "none", "full" (every layer) or "every_k" (every k-th layer, k = checkpoint_every_k_layers).
     gradient_checkpointing: Literal["none", "full", "every_k"] = "none"
     checkpoint_every_k_layers: int = 2
@@ -76,6 +78,9 @@ class TrainConfig:
     # Pad each batch to its longest sequence ("batch") or always to data.seq_len ("seq_len",
     # fixed shapes for compiled kernels).
     pad_to: Literal["batch", "seq_len"] = "batch"
+    # The loss runs the LM head and cross-entropy this many tokens at a time (training/loss.py), so the full
+    # fp32 logits never exist; 0 is the plain loss over all logits at once.
+    loss_chunk_tokens: int = 1024
 
 
 @dataclass
@@ -193,6 +198,8 @@ def _cross_field_problems(cfg: RunConfig, world_size: int | None) -> list[str]:
         p.append(f"train.min_lr_ratio: must be within [0, 1], got {t.min_lr_ratio}")
     if t.max_steps is not None and t.warmup_steps > t.max_steps:
         p.append(f"train.warmup_steps {t.warmup_steps} > train.max_steps {t.max_steps}")
+    if t.loss_chunk_tokens < 0:
+        p.append(f"train.loss_chunk_tokens: must be >= 0 (0 is the plain loss), got {t.loss_chunk_tokens}")
     if t.grad_clip < 0:
         p.append(f"train.grad_clip: must be >= 0 (0 disables clipping), got {t.grad_clip}")
     stage = cfg.deepspeed.zero_stage

@@ -126,6 +126,10 @@ class Collator:
     ``input_ids`` pad with ``pad_token_id``, ``labels`` with -100, ``position_ids`` with 0, and
     ``attention_mask`` is 1 on real tokens, 0 on padding. T is the longest sequence, or ``pad_to_tokens``
     when given (fixed shapes).
+
+    The document bounds come from the host too: ``cu_seqlens`` (int32 [D + 1], CPU) holds the cumulative
+    lengths of the batch's D documents over its real tokens laid end to end (rows concatenated, padding
+    dropped), and ``max_seqlen`` the longest document, so no step reads position ids back from the device.
     """
 
     def __init__(self, pad_token_id: int, pad_to_tokens: int | None = None):
@@ -149,7 +153,21 @@ class Collator:
             batch["attention_mask"][row, :n] = 1
             if not (drop_labels and drop_labels[row]):
                 batch["labels"][row, :n] = torch.from_numpy(np.asarray(seq["labels"], dtype=np.int64))
+        lengths = np.concatenate([document_lengths(s["position_ids"]) for s in sequences])
+        batch["cu_seqlens"] = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+        batch["max_seqlen"] = int(lengths.max()) if len(lengths) else 0
         return batch
+
+
+def document_lengths(position_ids: np.ndarray) -> np.ndarray:
+    """Lengths of the documents packed in one sequence: a document starts at position 0 (and at the row start)."""
+    position_ids = np.asarray(position_ids)
+    if len(position_ids) == 0:
+        return np.zeros(0, dtype=np.int64)
+    starts = np.flatnonzero(position_ids == 0)
+    if len(starts) == 0 or starts[0] != 0:
+        starts = np.concatenate([[0], starts])
+    return np.diff(np.concatenate([starts, [len(position_ids)]]))
 
 
 class TrainBatches:

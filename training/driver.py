@@ -34,7 +34,8 @@ from training.config import CheckpointConfig, EvalConfig, TrainConfig
 from training.data import Collator, RankSequences, TrainBatches, eval_batches, first_sequences
 from training.engine import reapply_optimizer_settings
 from training.preemption import PREEMPTED_EXIT_CODE, PreemptionFlag
-from training.tb import MetricsLogger, flops_per_token, memory_gb, peak_flops_per_device, perplexity
+from training.tb import (MetricsLogger, memory_gb, peak_flops_per_device, perplexity, squared_document_tokens,
+                         training_flops)
 
 # Test hook: SIGKILL rank 0 in the middle of saving this step (after DeepSpeed's files, before COMPLETE).
 FAULT_KILL_IN_SAVE_ENV = "ZEROTUNE_FAULT_KILL_IN_SAVE_AT_STEP"
@@ -125,7 +126,9 @@ class Driver:
             data_wait = time.perf_counter() - t0
             counts = [self.loop.count_tokens(b) for b in batches]
             real = sum(int(b["attention_mask"].sum()) for b in batches)
-            global_count, global_real, preempted = self._reduce_step_start(float(sum(counts)), float(real))
+            flops = sum(self._useful_flops(b) for b in batches)
+            global_count, global_real, global_flops, preempted = self._reduce_step_start(
+                float(sum(counts)), float(real), flops)
             if preempted:
                 # From here on further signals are ignored, also during interpreter shutdown (which would
                 # restore the default, deadly action for a Python handler).
@@ -135,14 +138,14 @@ class Driver:
                 self.ctx.logger.line(f"preempted at step {self.progress.step}: checkpoint saved, "
                                      f"exiting {PREEMPTED_EXIT_CODE}")
                 return PREEMPTED_EXIT_CODE
-            self._train_step(batches, counts, global_count, global_real, t0, data_wait)
+            self._train_step(batches, counts, global_count, (global_real, global_flops), t0, data_wait)
             self._after_step()
         self._finish()
         self.preempt.uninstall()
         return 0
 
-    def _train_step(self, batches: list[dict], counts: list[int], global_count: float, global_real: float,
-                    t0: float, data_wait: float) -> None:
+    def _train_step(self, batches: list[dict], counts: list[int], global_count: float,
+                    global_work: tuple[float, float], t0: float, data_wait: float) -> None:
         """Forward, backward and step over the step's micro-batches; leaves the loss pending (see _settle)."""
         scale = self.world_size / max(global_count, 1.0)
         lr = self.engine.get_lr()[0]
@@ -166,21 +169,21 @@ class Driver:
         step_time = time.perf_counter() - t0
         self._pending = _PendingStep(
             step=self.progress.step, loss_sum=loss_total, miscount=miscount, global_count=global_count,
-            global_real=global_real, lr=lr, step_time=step_time, data_wait=data_wait, logs=logs,
-            grad_norm=_grad_norm_value(self.engine, stage0_norm) if logs else None)
+            global_real=global_work[0], global_flops=global_work[1], lr=lr, step_time=step_time,
+            data_wait=data_wait, logs=logs, grad_norm=_grad_norm_value(self.engine, stage0_norm) if logs else None)
 
-    def _reduce_step_start(self, count: float, real: float) -> tuple[float, float, bool]:
+    def _reduce_step_start(self, count: float, real: float, flops: float) -> tuple[float, float, float, bool]:
         """The step's one collective: sums this step's counts and the preemption flag over ranks, and the
         previous step's pending loss (which it then settles)."""
         pending = self._pending
         flag = 1.0 if self.preempt.requested else 0.0
         if pending:
-            sums = self._all_sum([count, real, flag], [pending.loss_sum, pending.miscount])
+            sums = self._all_sum([count, real, flops, flag], [pending.loss_sum, pending.miscount])
         else:
-            sums = self._all_sum([count, real, flag, 0.0, 0.0])
-        global_count, global_real, flags, loss_global, miscount_global = sums
+            sums = self._all_sum([count, real, flops, flag, 0.0, 0.0])
+        global_count, global_real, global_flops, flags, loss_global, miscount_global = sums
         self._settle(loss_global, miscount_global)
-        return global_count, global_real, flags > 0
+        return global_count, global_real, global_flops, flags > 0
 
     def _settle_pending(self) -> None:
         """Sum the last step's loss over ranks now (before an evaluation, a checkpoint or the end)."""
@@ -413,21 +416,26 @@ class Driver:
                   "train/tokens_per_sec": tokens_per_sec,
                   "train/supervised_tokens_per_sec": s.global_count / s.step_time,
                   "train/step_time_sec": s.step_time, "train/data_wait_sec": s.data_wait,
-                  "train/mfu": self._mfu(tokens_per_sec), "train/memory_gb": memory_gb(),
+                  "train/mfu": self._mfu(s.global_flops / s.step_time), "train/memory_gb": memory_gb(),
                   "train/skipped_steps": float(getattr(self.engine, "skipped_steps", 0))}
         self.ctx.logger.scalars(s.step, values)
         self.ctx.logger.line(f"step {s.step:>6}/{self.total_steps} | loss {loss:.4f} | lr {s.lr:.2e} | "
                              f"{tokens_per_sec:,.0f} tok/s | {s.step_time:.2f}s")
 
-    def _mfu(self, tokens_per_sec: float) -> Optional[float]:
-        """Model FLOPs utilisation on GPU: flops_per_token (6N + 12·L·H·T) x tokens/s / (peak x ranks)."""
+    def _useful_flops(self, batch: dict) -> float:
+        """This micro-batch's useful training FLOPs (training.tb.training_flops), from host-side bounds."""
+        from training.model import document_bounds
+
+        shape = self.ctx.model_shape
+        return training_flops(shape["num_params"], shape["num_layers"], shape["hidden_size"],
+                              int(batch["attention_mask"].sum()), squared_document_tokens(document_bounds(batch)[0]))
+
+    def _mfu(self, flops_per_sec: float) -> Optional[float]:
+        """Model FLOPs utilisation on GPU: the step's useful FLOPs over all ranks per second / (peak x ranks)."""
         peak = peak_flops_per_device(self.ctx.train.precision)
         if peak is None:
             return None
-        shape = self.ctx.model_shape
-        fpt = flops_per_token(shape["num_params"], shape["num_layers"], shape["hidden_size"],
-                              self.ctx.manifest["seq_len"])
-        return fpt * tokens_per_sec / (peak * self.world_size)
+        return flops_per_sec / (peak * self.world_size)
 
     def _log_samples(self) -> None:
         from training.samples import generate_samples
@@ -467,6 +475,7 @@ class _PendingStep:
     miscount: torch.Tensor  # this rank's |tokens scored - tokens counted|, fp64 on the compute device
     global_count: float
     global_real: float
+    global_flops: float
     lr: float
     step_time: float
     data_wait: float

@@ -36,6 +36,9 @@ def resolve_ds_config(train: TrainConfig, ds_section: DeepSpeedSection, json_pat
         _agree(cfg, key, value, json_path, problems)
     _check_optimizer_sections(cfg, train, json_path, problems)
     _resolve_stage(cfg, ds_section, problems)
+    if not problems:
+        _agree(cfg, "data_types.grad_accum_dtype", grad_accum_dtype(train.precision, zero_stage(cfg)), json_path,
+               problems)
     if problems:
         raise ConfigError(problems)
     cfg.pop("optimizer", None)
@@ -60,6 +63,18 @@ def _yaml_values(train: TrainConfig, world_size: int) -> dict[str, Any]:
         "bf16.enabled": (train.precision == "bf16", "train.precision"),
         "fp16.enabled": (train.precision == "fp16", "train.precision"),
     }
+
+
+def grad_accum_dtype(precision: str, stage: int) -> tuple[str, str]:
+    """DeepSpeed's ``data_types.grad_accum_dtype`` for the YAML's precision and stage, with the key that owns it.
+
+    fp32 wherever ZeRO runs (stages 1-3 keep fp32 gradient partitions, whatever the training precision):
+    summing 8-16 micro-batches of bf16 gradients on many ranks loses precision (DeepSpeed's default is the
+    model dtype). Without ZeRO, DeepSpeed supports only the model dtype (it raises "unsupported mix").
+    """
+    if precision == "fp32" or stage >= 1:
+        return "fp32", f"train.precision {precision} with ZeRO stage {stage} (fp32 accumulation)"
+    return precision, f"train.precision {precision} with ZeRO stage 0 (DeepSpeed accumulates in the model dtype)"
 
 
 def _agree(cfg: dict, dotted: str, wanted: tuple[Any, str], json_path: Path, problems: list[str]) -> None:

@@ -76,6 +76,9 @@ class Loop:
     """
 
     name = "base"
+    # Tokens per chunk of the chunked loss (training.loss); 0 is the plain loss. The run sets it from
+    # train.loss_chunk_tokens.
+    loss_chunk_tokens = 0
 
     def __init__(self, tokenizer=None):
         self.tokenizer = tokenizer
@@ -103,21 +106,14 @@ class Loop:
         return loss_total, tokens
 
 
-def _device_batch(model, batch: dict) -> dict:
-    # The engine knows its compute device; parameters may live elsewhere (ZeRO-3 CPU offload).
-    device = getattr(model, "device", None) or next(model.parameters()).device
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
 @register_loop("sft")
 class SFTLoop(Loop):
     """Supervised fine-tuning: loss on the tokens data prep marked as supervised (labels != -100)."""
 
     def compute_loss(self, model, batch):
-        from training.model import forward_logits, token_loss
+        from training.model import packed_loss
 
-        batch = _device_batch(model, batch)
-        return token_loss(forward_logits(model, batch), batch["labels"])
+        return packed_loss(model, batch, self.loss_chunk_tokens)
 
 
 @register_loop("pretrain")

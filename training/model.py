@@ -7,11 +7,10 @@ Three facts shape this module:
   ``deepspeed.zero.Init(config_dict_or_path=<that config>)`` and loads the weights one gathered module
   at a time. Wrapping ``from_pretrained`` in our own ``zero.Init`` instead would load weights into
   empty partitions, so we hand the config to transformers.
-- Restarting ``position_ids`` does not stop packed documents attending to each other with sdpa, eager or
-  flex attention; only an explicit block-diagonal causal mask does (flash-attention's variable-length
-  kernels read the boundaries from ``position_ids``). A 4D mask given to transformers is used as given.
-  With sdpa the dense mask still costs the full T x T per row, so packed rows also carry their document
-  bounds and sdpa runs once per document with its causal kernel (the mask stays as the exact fallback).
+- Restarting ``position_ids`` does not stop packed documents attending to each other, and transformers
+  treats only a batch of one row as packed. So every micro-batch runs as one padding-free row with its
+  document bounds from the collator (training.attention), and the loss never holds the full fp32 logits
+  (training.loss).
 - Losses are a token sum and a token count, so the driver can normalise over accumulation and ranks.
 """
 
@@ -27,8 +26,6 @@ from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Implementations that read document boundaries from position_ids and must not get a dense mask.
-VARLEN_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3", "flash_attention_4")
 
 
 class ModelError(ValueError):
@@ -40,27 +37,32 @@ class ModelError(ValueError):
 def load_model(model_cfg, precision: str, ds_config: dict) -> nn.Module:
     """Load the causal LM named by ``model_cfg.name_or_path`` ready for training.
 
-    Weights load in the training precision (``bf16``/``fp16``; ``fp32`` stays fp32), with
-    ``model_cfg.attn_implementation``, the KV cache off, and gradient checkpointing as configured.
+    Weights load in the training precision (``bf16``/``fp16``; ``fp32`` stays fp32), with the attention
+    ``model_cfg.attn_implementation`` resolves to here (training.attention.choose_attention), the KV cache
+    off, and gradient checkpointing as configured.
     With ZeRO stage 3 in ``ds_config`` the model is built partitioned across ranks (needs the
     process group initialised, as ``deepspeed.init_distributed`` does).
     """
     from transformers import AutoModelForCausalLM
 
+    from training.attention import choose_attention
+
     if precision not in PRECISION_DTYPES:
         raise ModelError(f"train.precision: {precision!r} is not one of {', '.join(PRECISION_DTYPES)}")
+    attention = choose_attention(model_cfg.attn_implementation)
     hf_ds_config = _zero3_hf_config(ds_config)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             model_cfg.name_or_path, revision=model_cfg.revision, dtype=PRECISION_DTYPES[precision],
-            attn_implementation=model_cfg.attn_implementation,
+            attn_implementation=attention.hf_name,
             trust_remote_code=model_cfg.trust_remote_code)
     except (ImportError, ValueError) as exc:
         if "attn_implementation" in str(exc) or "Attention" in str(exc):
             raise ModelError(
-                f"model.attn_implementation: {model_cfg.attn_implementation!r} cannot be used here "
-                f"({str(exc).splitlines()[0][:200]}); use sdpa or eager, or install its package") from None
+                f"model.attn_implementation: {model_cfg.attn_implementation!r} cannot be used with this model "
+                f"({str(exc).splitlines()[0][:200]}); use auto, sdpa or eager") from None
         raise
+    model._zerotune_attention_kernel = attention.kernel
     if hf_ds_config is not None:
         # transformers keeps only a weak reference; generate() under ZeRO-3 needs it alive to sync ranks.
         model._zerotune_hf_ds_config = hf_ds_config
@@ -177,127 +179,97 @@ def _checkpoint_forward(layer: nn.Module) -> None:
 # --------------------------------------------------------------------------- packed forward and loss
 
 
-def document_attention_mask(position_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Block-diagonal causal mask [B, 1, T, T], True where a query may attend to a key.
+def cu_seqlens_from_position_ids(position_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(cu_seqlens int32 [D + 1], longest document) of a batch's real tokens laid end to end.
 
-    A document starts where ``position_ids == 0``. A real token sees earlier real tokens of its own
-    document only; a padding token sees only itself, so no softmax row is empty (no NaN) and no real
-    token ever sees padding.
+    A document starts where ``position_ids == 0`` and at the start of every row. For hand-built batches
+    only: the collator computes the same on the host from the shards (reading device tensors would sync).
     """
-    real = attention_mask.bool()
-    doc_ids = torch.cumsum((position_ids == 0).long(), dim=1)
-    same_doc = doc_ids.unsqueeze(2) == doc_ids.unsqueeze(1)
-    length = position_ids.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=position_ids.device).tril()
-    allowed = same_doc & causal & real.unsqueeze(2) & real.unsqueeze(1)
-    allowed |= torch.eye(length, dtype=torch.bool, device=position_ids.device)
-    return allowed.unsqueeze(1)
+    lengths = []
+    for pos, real in zip(position_ids.cpu(), attention_mask.cpu().bool()):
+        pos = pos[real]
+        starts = [0] + [i for i in torch.nonzero(pos == 0).flatten().tolist() if i > 0]
+        lengths += [b - a for a, b in zip(starts, starts[1:] + [len(pos)]) if b > a]
+    cu = torch.tensor([0] + lengths, dtype=torch.long).cumsum(0).to(torch.int32)
+    return cu, max(lengths, default=0)
 
 
-def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    zeros = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
-    return zeros.masked_fill(~mask, torch.finfo(dtype).min)
+def document_bounds(batch: dict) -> tuple[torch.Tensor, int]:
+    """The collator's (cu_seqlens, max_seqlen), or the same derived from position ids when a loop's
+    prepare_batch built a batch without them."""
+    if "cu_seqlens" in batch:
+        return batch["cu_seqlens"], int(batch["max_seqlen"])
+    return cu_seqlens_from_position_ids(batch["position_ids"], batch["attention_mask"])
 
 
-def _one_document_per_row(position_ids: torch.Tensor, attention_mask: torch.Tensor) -> bool:
-    """True when no row is packed or padded, so plain causal attention is already exact."""
-    return bool(attention_mask.bool().all()) and bool(((position_ids == 0).sum(dim=1) == 1).all()) \
-        and bool((position_ids[:, 0] == 0).all())
+def flatten_batch(batch: dict) -> dict:
+    """The micro-batch as one padding-free row (host work on the collator's CPU tensors).
+
+    ``input_ids``/``position_ids`` become [1, N] (N real tokens, rows concatenated); ``targets`` [N] holds
+    for each token the label of the next token of its own row (-100 at a row's end), so the scored tokens
+    are exactly ``labels[:, 1:] != -100``; ``index`` [N] is each token's place in the flattened [B * T].
+    """
+    real = batch["attention_mask"].bool()
+    cu, longest = document_bounds(batch)
+    labels = batch["labels"]
+    targets = torch.full_like(labels, IGNORE_INDEX)
+    targets[:, :-1] = labels[:, 1:]
+    return {"input_ids": batch["input_ids"][real][None], "position_ids": batch["position_ids"][real][None],
+            "targets": targets[real], "cu_seqlens": cu, "max_seqlen": int(longest),
+            "index": real.flatten().nonzero().flatten(), "shape": tuple(real.shape)}
+
+
+def compute_device(model: nn.Module) -> torch.device:
+    """The engine's compute device (parameters may live elsewhere under ZeRO-3 CPU offload)."""
+    return getattr(model, "device", None) or next(model.parameters()).device
+
+
+def packed_forward(model: nn.Module, flat: dict):
+    """Run a flattened micro-batch (see flatten_batch) with document-causal attention; the model's output.
+
+    ``model`` may be the bare Hugging Face model or the DeepSpeed engine wrapping it.
+    """
+    from training.attention import attention_inputs, kernel_for
+
+    hf_model = getattr(model, "module", model)
+    kernel = getattr(hf_model, "_zerotune_attention_kernel", None) or kernel_for(hf_model.config._attn_implementation)
+    device = compute_device(model)
+    inputs = attention_inputs(kernel, flat["cu_seqlens"], flat["max_seqlen"], device, hf_model.dtype)
+    return model(input_ids=flat["input_ids"].to(device), position_ids=flat["position_ids"].to(device),
+                 use_cache=False, **inputs)
 
 
 def forward_logits(model: nn.Module, batch: dict) -> torch.Tensor:
-    """Run a (packed, padded) batch and return logits [B, T, V].
+    """Run a (packed, padded) batch and return logits [B, T, V] (zero at padding).
 
-    ``batch`` holds ``input_ids``, ``position_ids`` and ``attention_mask`` (1 real, 0 pad), all [B, T].
-    ``model`` may be the bare Hugging Face model or the DeepSpeed engine wrapping it.
+    ``batch`` holds ``input_ids``, ``position_ids`` and ``attention_mask`` (1 real, 0 pad), all [B, T], and
+    the collator's ``cu_seqlens``/``max_seqlen``. This materialises every logit: the training loops use
+    packed_loss instead.
     """
-    hf_model = getattr(model, "module", model)
-    impl = hf_model.config._attn_implementation
-    input_ids, position_ids = batch["input_ids"], batch["position_ids"]
-    attention_mask = batch.get("attention_mask")
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    if impl in VARLEN_IMPLEMENTATIONS or _one_document_per_row(position_ids, attention_mask):
-        # No dense mask: the kernel's own causal path (and sdpa's flash kernel) applies.
-        mask = None
-    else:
-        mask = document_attention_mask(position_ids, attention_mask)
-        if impl != "sdpa":  # eager and flex add the mask to the scores: a boolean one would add 0/1
-            mask = _additive(mask, hf_model.dtype)
-    out = model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, use_cache=False,
-                **_bounds_kwargs(impl, mask, position_ids, attention_mask))
-    return out.logits
+    flat = flatten_batch({**batch, "labels": batch.get("labels", batch["input_ids"])})
+    logits = packed_forward(model, flat).logits[0]
+    rows, length = flat["shape"]
+    full = logits.new_zeros((rows * length, logits.shape[-1]))
+    full = full.index_copy(0, flat["index"].to(logits.device), logits)
+    return full.view(rows, length, -1)
 
 
-def _bounds_kwargs(impl: str, mask, position_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
-    """Document bounds for packed rows under sdpa (see _install_packed_sdpa); empty otherwise."""
-    if impl != "sdpa" or mask is None:
-        return {}
-    bounds = document_bounds(position_ids, attention_mask)
-    if bounds is None:
-        return {}
-    _install_packed_sdpa()
-    return {DOC_BOUNDS_KWARG: bounds}
+def packed_loss(model: nn.Module, batch: dict, loss_chunk_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy of a (packed, padded) batch as (fp32 sum, number of scored tokens).
 
-
-# --------------------------------------------------------------------------- packed sdpa, one document at a time
-
-# Keyword the sdpa wrapper below reads: per row, the [start, end) token ranges to attend within.
-DOC_BOUNDS_KWARG = "zerotune_doc_bounds"
-
-
-def document_bounds(position_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[list[tuple[int, int]]] | None:
-    """Per row, the [start, end) range of each document, then one range for the trailing padding if any.
-
-    None when some row's padding is not all at the end (the collator pads on the right; anything else
-    keeps the dense mask).
+    With ``loss_chunk_tokens`` > 0 the LM head and the loss run that many tokens at a time and are
+    recomputed in backward (training.loss), so the full [N, V] logits never exist; 0 is the plain loss.
     """
-    pos, real = position_ids.detach().cpu(), attention_mask.detach().cpu().bool()
-    total = pos.shape[1]
-    lengths = real.sum(dim=1).tolist()
-    bounds = []
-    for row, n in enumerate(lengths):
-        if not bool(real[row, :n].all()):
-            return None
-        starts = [0] + [i for i in torch.nonzero(pos[row, :n] == 0).flatten().tolist() if i > 0]
-        ranges = list(zip(starts, starts[1:] + [n]))
-        if n < total:
-            ranges.append((n, total))  # padding attends to padding only; never scored, never attended to
-        bounds.append(ranges)
-    return bounds
+    from training.loss import cross_entropy_sum, lm_head_computes_loss
 
-
-def _packed_sdpa(original):
-    def packed_sdpa_attention(module, query, key, value, attention_mask, **kwargs):
-        """transformers' sdpa, run once per document with the causal kernel when document bounds are given:
-        attention costs the sum of squared document lengths instead of the square of the row length."""
-        bounds = kwargs.pop(DOC_BOUNDS_KWARG, None)
-        if bounds is None:
-            return original(module, query, key, value, attention_mask, **kwargs)
-        rows = []
-        for b, ranges in enumerate(bounds):
-            parts = [original(module, query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e], None,
-                              **kwargs)[0] for s, e in ranges]
-            rows.append(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])
-        return (torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]), None
-
-    packed_sdpa_attention._zerotune_original = original
-    return packed_sdpa_attention
-
-
-def _install_packed_sdpa() -> None:
-    """Wrap transformers' "sdpa" attention (once per process) so it honours DOC_BOUNDS_KWARG.
-
-    Without the keyword the wrapper calls the original unchanged, so generation, export and other callers see
-    plain sdpa. The dense block-diagonal mask is still passed alongside the bounds: a model whose layers do not
-    forward extra keywords to their attention function stays exact, only slower.
-    """
-    from transformers import AttentionInterface
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    current = ALL_ATTENTION_FUNCTIONS["sdpa"]
-    if not hasattr(current, "_zerotune_original"):
-        AttentionInterface.register("sdpa", _packed_sdpa(current))
+    flat = flatten_batch(batch)
+    targets = flat["targets"]
+    count = (targets != IGNORE_INDEX).sum()
+    targets = targets.to(compute_device(model))
+    if loss_chunk_tokens > 0:
+        with lm_head_computes_loss(getattr(model, "module", model), targets, loss_chunk_tokens):
+            return packed_forward(model, flat).logits, count
+    return cross_entropy_sum(packed_forward(model, flat).logits[0], targets), count
 
 
 def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,12 +28,22 @@ def perplexity(loss: float) -> float:
     return math.exp(loss) if loss < 50 else float("inf")
 
 
-def flops_per_token(num_params: int, num_layers: int, hidden_size: int, seq_len_tokens: int) -> float:
-    """Training FLOPs per token: 6N for the matmuls (forward + backward) plus the attention term 12·L·H·T.
+def training_flops(num_params: int, num_layers: int, hidden_size: int, tokens: int,
+                   squared_document_tokens_sum: int) -> float:
+    """Useful training FLOPs of ``tokens`` tokens: 6N each for the matmuls (forward + backward; Kaplan et
+    al.) plus the attention term 12·layers·hidden per (query, key) pair of a document (PaLM appendix B),
+    i.e. ``12·layers·hidden·sum(L_i^2)`` over the documents, not the padded row length squared.
 
-    (Kaplan et al. / PaLM appendix B.) With packing, T is the padded sequence length, an upper bound.
+    The one formula behind MFU and `zerotune plan`'s time. Recomputation (gradient checkpointing, the
+    chunked loss's second LM-head pass) is not useful work and is not counted.
     """
-    return 6.0 * num_params + 12.0 * num_layers * hidden_size * seq_len_tokens
+    return 6.0 * num_params * tokens + 12.0 * num_layers * hidden_size * squared_document_tokens_sum
+
+
+def squared_document_tokens(cu_seqlens) -> int:
+    """sum(L_i^2) over the documents of a batch, from the collator's host-side ``cu_seqlens``."""
+    bounds = [int(x) for x in cu_seqlens]
+    return sum((b - a) ** 2 for a, b in zip(bounds[:-1], bounds[1:]))
 
 
 def peak_flops_per_device(precision: str) -> float | None:

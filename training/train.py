@@ -43,6 +43,7 @@ def validate_inputs(cfg: RunConfig, world_size: int):
     from transformers import AutoTokenizer
 
     from data_prep.format import check_shard_files, load_manifest
+    from training.attention import choose_attention
     from training.loops import get_loop
 
     cfg.validate(world_size=world_size)
@@ -62,6 +63,7 @@ def validate_inputs(cfg: RunConfig, world_size: int):
                         f"{manifest.get('seq_len')}, but data.seq_len is {cfg.data.seq_len}; run `zerotune prep "
                         f"CONFIG` again (or set data.seq_len back)")
     get_loop(cfg.train.loop)  # an unknown loop name fails here, before any process starts
+    choose_attention(cfg.model.attn_implementation)  # so does an attention kernel this machine cannot run
     check_resume_setting(cfg)
     return manifest, tokenizer
 
@@ -135,11 +137,13 @@ def build_driver(cfg: RunConfig, manifest: dict, tokenizer):
 
     from transformers import set_seed
 
+    from training.attention import choose_attention
     from training.checkpoint import checkpoint_root, resume_splits_decay
     from training.driver import Driver, RunContext
     from training.engine import build_engine, resolve_ds_config, zero_stage
     from training.heartbeat import Heartbeat
     from training.loops import get_loop
+    from training.loss import describe_loss
     from training.model import load_model
     from training.tb import MetricsLogger
 
@@ -151,9 +155,12 @@ def build_driver(cfg: RunConfig, manifest: dict, tokenizer):
     ds_config = resolve_ds_config(cfg.train, cfg.deepspeed, cfg.ds_config_path(), world_size)
     write_run_files(cfg, ds_config, rank)
     loop = get_loop(cfg.train.loop)(tokenizer=tokenizer)
+    loop.loss_chunk_tokens = cfg.train.loss_chunk_tokens
+    logger = MetricsLogger(cfg.tensorboard_dir(), Path(cfg.output_dir) / "metrics.jsonl", enabled=rank == 0)
+    logger.line(f"{choose_attention(cfg.model.attn_implementation).describe()} | loss: "
+                f"{describe_loss(cfg.train.loss_chunk_tokens)}")
     model = load_model(cfg.model, cfg.train.precision, ds_config)
     shape = model_shape(model)
-    logger = MetricsLogger(cfg.tensorboard_dir(), Path(cfg.output_dir) / "metrics.jsonl", enabled=rank == 0)
     logger.text("config", "```yaml\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False) + "\n```", 0)
     ctx = RunContext(train=cfg.train, eval=cfg.eval, checkpoint=cfg.checkpoint, output_dir=Path(cfg.output_dir),
                      data_dir=Path(cfg.data.output_dir), manifest=manifest, config_hash=cfg.config_hash(),
@@ -165,6 +172,8 @@ def build_driver(cfg: RunConfig, manifest: dict, tokenizer):
     steps = _total_steps(cfg, manifest, world_size)
     # (checkpoint.resume: never has no checkpoint to find: check_resume_setting refused such a run dir.)
     engine = build_engine(model, cfg.train, ds_config, steps, resume_splits_decay(checkpoint_root(cfg.output_dir)))
+    model_dtype, accum_dtype = engine.get_data_types()
+    logger.line(f"engine: model {model_dtype}, gradients accumulate in {accum_dtype}")
     return Driver(engine, loop, ctx, steps)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from launcher.plan import (activation_bytes, logits_bytes, make_plan,
                            model_shape, model_states_bytes)
@@ -113,6 +114,8 @@ def test_activation_formula_and_checkpointing(tmp_path):
     assert ckpt < activation_bytes(shape, b, s, "every_k", every_k=2) < activation_bytes(shape, b, s, "none")
     assert activation_bytes(shape, b, s, "none", mixed_precision=False) == 2 * L * s * b * h * 34
     assert logits_bytes(3000, b, s) == 8 * b * s * 3000
+    assert logits_bytes(3000, b, s, loss_chunk_tokens=256) == 12 * 256 * 3000  # one chunk at a time
+    assert logits_bytes(3000, b, s, loss_chunk_tokens=10**6) == 12 * b * s * 3000  # the chunk is the batch
 
 
 def _cfg(tmp_path, model_dir, **over):
@@ -166,6 +169,7 @@ def test_batch_arithmetic_with_and_without_manifest(tmp_path):
     assert plan.batch["total_steps"] == 2 * (1000 // 64)
     assert plan.batch["tokens_per_step"] == 64 * 640
     shape = plan.model
+    # The same formula as MFU (training.tb.training_flops), every token attending over a whole sequence.
     flops = plan.batch["total_steps"] * 64 * 640 * (6 * plan.params + 12 * shape["num_layers"]
                                                        * shape["hidden_size"] * 1024)
     assert plan.batch["estimated_seconds"] == pytest.approx(flops / (8 * 989e12 * 0.4), rel=1e-6)
@@ -189,6 +193,10 @@ def test_plan_cli_json(tmp_path, capsys):
     assert main(["plan", str(cfg)]) == 0
     table = capsys.readouterr().out
     assert "ZeRO-3 + CPU offload" in table and "chosen:" in table
+    # The attention kernel and the loss the run uses (auto is sdpa on a machine without CUDA).
+    assert out["step"]["loss"] == "chunked, 1024 tokens per chunk"
+    assert "attention: auto: a varlen kernel on CUDA" in table
+    assert "here auto -> " + ("sdpa" if not torch.cuda.is_available() else "") in table
 
 
 def test_unreadable_model_config_is_one_line(tmp_path, capsys):

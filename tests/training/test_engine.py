@@ -139,3 +139,18 @@ def test_settings_changed_since_the_checkpoint_apply_after_loading_it():
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([expected_lr] * 2)
     sched.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 * lr_multiplier(4, 10, 2, "cosine", new.min_lr_ratio))
+
+
+@pytest.mark.parametrize("precision, stage, want", [("bf16", 1, "fp32"), ("bf16", 2, "fp32"), ("fp16", 3, "fp32"),
+                                                    ("fp32", 2, "fp32"), ("bf16", 0, "bf16")])
+def test_gradients_accumulate_in_fp32_wherever_zero_runs(precision, stage, want):
+    path = DS_CONFIG_DIR / "zero2.json"
+    cfg = resolve_ds_config(_train(precision=precision), DeepSpeedSection(zero_stage=stage), path, world_size=2)
+    assert cfg["data_types"]["grad_accum_dtype"] == want
+
+
+def test_hand_set_grad_accum_dtype_that_contradicts_is_refused(tmp_path):
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2}, "data_types": {"grad_accum_dtype": "bf16"}}))
+    with pytest.raises(ConfigError, match=r"data_types\.grad_accum_dtype = 'bf16' contradicts train\.precision"):
+        resolve_ds_config(_train(precision="bf16"), DeepSpeedSection(), path, world_size=2)

@@ -9,8 +9,7 @@ import torch
 
 from training.config import ModelConfig
 from training.model import (
-    ModelError, apply_gradient_checkpointing, decoder_layers, document_attention_mask, forward_logits,
-    load_model, token_loss,
+    ModelError, apply_gradient_checkpointing, decoder_layers, forward_logits, load_model, token_loss,
 )
 
 
@@ -143,22 +142,6 @@ def test_checkpointing_does_not_recompute_in_eval(tiny_model_dir):
 # --------------------------------------------------------------------------- packed sequences
 
 
-def test_document_mask_blocks_other_documents_and_padding():
-    position_ids = torch.tensor([[0, 1, 2, 0, 1, 0, 0]])
-    attention_mask = torch.tensor([[1, 1, 1, 1, 1, 0, 0]])
-    mask = document_attention_mask(position_ids, attention_mask)[0, 0]
-    expected = torch.tensor([
-        [1, 0, 0, 0, 0, 0, 0],
-        [1, 1, 0, 0, 0, 0, 0],
-        [1, 1, 1, 0, 0, 0, 0],
-        [0, 0, 0, 1, 0, 0, 0],
-        [0, 0, 0, 1, 1, 0, 0],
-        [0, 0, 0, 0, 0, 1, 0],
-        [0, 0, 0, 0, 0, 0, 1],
-    ], dtype=torch.bool)
-    assert torch.equal(mask, expected)
-
-
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_packed_loss_equals_documents_run_one_by_one(tiny_model_dir, attn):
     model = _load(tiny_model_dir, attn_implementation=attn)
@@ -179,25 +162,6 @@ def test_packed_loss_equals_documents_run_one_by_one(tiny_model_dir, attn):
     assert torch.isfinite(logits).all(), "padding produced NaN/inf logits"
     assert int(packed_count) == doc_count == sum(ids.numel() - 1 for _, _, ids in docs)
     torch.testing.assert_close(packed_sum / packed_count, doc_sum / doc_count, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("attn", ["sdpa", "flex_attention", "flash_attention_2"])
-def test_packed_equals_documents_on_gpu(tiny_model_dir, attn):
-    """The GPU kernels, bf16: flash-attention reads boundaries from position_ids, the others the mask."""
-    if attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-        pytest.skip("flash-attn not installed")
-    model = _load(tiny_model_dir, precision="bf16", attn_implementation=attn).cuda().eval()
-    batch, docs = _packed_batch(model.config.vocab_size, [[7, 12, 5], [9]])
-    batch = {k: v.cuda() for k, v in batch.items()}
-    with torch.no_grad():
-        logits = forward_logits(model, batch).float()
-        for row, start, ids in docs:
-            alone = forward_logits(model, {k: v.cuda() for k, v in _single(ids).items()}).float()
-            packed = logits[row, start:start + ids.numel()]
-            assert (packed - alone[0]).abs().max() <= 3e-2 * alone.abs().max(), f"{attn}: documents leak"
-    assert torch.isfinite(logits).all()
 
 
 def test_without_the_document_mask_documents_leak(tiny_model_dir):

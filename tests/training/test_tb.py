@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+import numpy as np
 import torch
 
-from training.tb import MetricsLogger, flops_per_token, memory_gb, peak_flops_per_device, perplexity
+from training.tb import (MetricsLogger, memory_gb, peak_flops_per_device, perplexity, squared_document_tokens,
+                         training_flops)
 
 
 def test_logger_writes_jsonl_and_tensorboard_on_rank0_only(tmp_path, capsys):
@@ -30,9 +32,17 @@ def test_logger_writes_jsonl_and_tensorboard_on_rank0_only(tmp_path, capsys):
     assert not (tmp_path / "m1.jsonl").exists() and not (tmp_path / "tb1").exists()
 
 
-def test_flops_per_token_is_6n_plus_attention_term():
-    assert flops_per_token(1_000_000, num_layers=2, hidden_size=64, seq_len_tokens=128) == \
-        6 * 1_000_000 + 12 * 2 * 64 * 128
+def test_training_flops_count_attention_per_document():
+    """Two rows of 16: documents 3 + 5 (then 8 padding) and 16: attention is 3^2 + 5^2 + 16^2 pairs, not 2 x 16^2."""
+    from training.data import Collator
+
+    seqs = [{"input_ids": np.arange(8), "labels": np.arange(8), "position_ids": np.r_[np.arange(3), np.arange(5)]},
+            {"input_ids": np.arange(16), "labels": np.arange(16), "position_ids": np.arange(16)}]
+    batch = Collator(0, pad_to_tokens=16)(seqs)
+    squares = squared_document_tokens(batch["cu_seqlens"])
+    assert squares == 9 + 25 + 256
+    assert training_flops(1_000_000, num_layers=2, hidden_size=64, tokens=24, squared_document_tokens_sum=squares) \
+        == 6 * 1_000_000 * 24 + 12 * 2 * 64 * (9 + 25 + 256)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU behaviour")
