@@ -6,7 +6,9 @@ Three facts shape this module:
   ``HfDeepSpeedConfig`` says stage 3: ``from_pretrained`` then builds the model inside
   ``deepspeed.zero.Init(config_dict_or_path=<that config>)`` and loads the weights one gathered module
   at a time. Wrapping ``from_pretrained`` in our own ``zero.Init`` instead would load weights into
-  empty partitions, so we hand the config to transformers.
+  empty partitions, so we hand the config to transformers. Its loader maps the whole checkpoint on
+  global rank 0, though, so a local safetensors checkpoint is streamed instead, each rank reading only
+  its partition's slices (training/zero3_load.py).
 - Restarting ``position_ids`` does not stop packed documents attending to each other with sdpa, eager or
   flex attention; only an explicit block-diagonal causal mask does (flash-attention's variable-length
   kernels read the boundaries from ``position_ids``). A 4D mask given to transformers is used as given.
@@ -51,10 +53,12 @@ def load_model(model_cfg, precision: str, ds_config: dict) -> nn.Module:
         raise ModelError(f"train.precision: {precision!r} is not one of {', '.join(PRECISION_DTYPES)}")
     hf_ds_config = _zero3_hf_config(ds_config)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            model_cfg.name_or_path, revision=model_cfg.revision, dtype=PRECISION_DTYPES[precision],
-            attn_implementation=model_cfg.attn_implementation,
-            trust_remote_code=model_cfg.trust_remote_code)
+        model = _load_zero3_streaming(model_cfg, precision, ds_config) if hf_ds_config is not None else None
+        if model is None:
+            model = AutoModelForCausalLM.from_pretrained(
+                model_cfg.name_or_path, revision=model_cfg.revision, dtype=PRECISION_DTYPES[precision],
+                attn_implementation=model_cfg.attn_implementation,
+                trust_remote_code=model_cfg.trust_remote_code)
     except (ImportError, ValueError) as exc:
         if "attn_implementation" in str(exc) or "Attention" in str(exc):
             raise ModelError(
@@ -68,6 +72,12 @@ def load_model(model_cfg, precision: str, ds_config: dict) -> nn.Module:
     model.config.use_cache = False
     apply_gradient_checkpointing(model, model_cfg.gradient_checkpointing, model_cfg.checkpoint_every_k_layers)
     return model
+
+
+def _load_zero3_streaming(model_cfg, precision: str, ds_config: dict) -> nn.Module | None:
+    from training.zero3_load import load_streaming
+
+    return load_streaming(model_cfg, PRECISION_DTYPES[precision], ds_config)
 
 
 def _zero3_hf_config(ds_config: dict):
