@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-LINE = re.compile(r"loadpeak (\{.*\})")
+LINE = re.compile(r"loadpeak (\[.*\])")
 NO_STEPS = re.compile(r"(?!)")  # ranks print no step lines: nothing for benchlib.launch to stamp
 LOADERS = ("transformers", "streaming")  # before, after
 
@@ -76,10 +76,12 @@ def rank_main(args) -> None:
     before, started = _peak_gb(), time.perf_counter()
     model = load_model(ModelConfig(name_or_path=args.rank_model), args.precision, ds_config)
     after, seconds = _peak_gb(), time.perf_counter() - started
-    print("loadpeak " + json.dumps({"rank": torch.distributed.get_rank(), "before_gb": before, "after_gb": after,
-                                    "seconds": seconds,
-                                    "local_numel": sum(p.numel() for p in model.parameters())}), flush=True)
-    torch.distributed.barrier()
+    mine = {"rank": torch.distributed.get_rank(), "before_gb": before, "after_gb": after, "seconds": seconds,
+            "local_numel": sum(p.numel() for p in model.parameters())}
+    ranks = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(ranks, mine)  # one line from rank 0: two ranks' prints interleave
+    if mine["rank"] == 0:
+        print("loadpeak " + json.dumps(ranks), flush=True)
     torch.distributed.destroy_process_group()
 
 
@@ -103,6 +105,8 @@ def main(argv=None) -> int:
                       f"in {r['seconds']:.1f} s; "
                       f"the rank's share of the weights is {share:.2f} GB, the whole model {2 * share:.2f} GB",
                       flush=True)
+        print(f"{model.name}: zerotune plan's ZeRO-3 loading figure per rank, above the import baseline: "
+              f"{_planned_gb(model, args.precision):.2f} GB", flush=True)
         for rank in sorted({rank for _, rank in added}):
             if ("streaming", rank) in added and ("transformers", rank) in added:
                 print(f"{model.name} rank {rank}: loading added, streaming / transformers = "
@@ -110,13 +114,20 @@ def main(argv=None) -> int:
     return 0
 
 
+def _planned_gb(model: Path, precision: str) -> float:
+    from launcher.plan import GB, IMPORT_BASELINE_GB, loading_bytes_per_rank, model_shape
+
+    width = 4 if precision == "fp32" else 2
+    return loading_bytes_per_rank(model_shape(str(model)), width, 3, total_gpus=2) / 1e9 - IMPORT_BASELINE_GB * GB / 1e9
+
+
 def _run(bl, args, model: Path, loader: str) -> list[dict]:
     log = args.work / "logs" / f"load-{model.name}-{args.precision}-{loader}.log"
     bl.launch(f"load {model.name} {loader}", Path(__file__),
               ["--rank-model", str(model), "--precision", args.precision, "--rank-loader", loader],
               log, pattern=NO_STEPS)
-    ranks = [json.loads(m.group(1)) for m in map(LINE.search, log.read_text().splitlines()) if m]
-    return sorted(ranks, key=lambda r: r["rank"])
+    (ranks,) = [json.loads(m.group(1)) for m in map(LINE.search, log.read_text().splitlines()) if m]
+    return ranks
 
 
 if __name__ == "__main__":

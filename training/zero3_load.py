@@ -12,9 +12,11 @@ Here the model is built from its config inside ``zero.Init`` (partitioned, nothi
 then copies, tensor by tensor, only the rows of each checkpoint tensor that overlap its own flat
 partition (DeepSpeed's layout: rank r of the parameter's group holds flat elements
 ``[r * n, (r + 1) * n)`` of the padded parameter, ``n = ds_tensor.ds_numel``). The files are reopened
-after every ``window_bytes`` read so the mapped pages are let go. No collective runs and no rank ever
-holds a whole tensor larger than its slice plus one row. Host RAM per rank: its partition plus the
-read window. Buffers are small and read whole on every rank.
+after every ``READ_WINDOW_BYTES`` read so the mapped pages are let go. No collective runs while reading
+and no rank holds more of a tensor than its slice plus one row. Host RAM per rank: its partition, one
+module built whole by ``zero.Init`` before it partitions it (the largest is the embedding: 2 GB in bf16
+at 70B), the read window and allocator slack (launcher/plan.py ``host_memory``; measured in
+benchmarks/RESULTS.md). Buffers are small and read whole on every rank.
 
 Anything this loader does not handle exactly as transformers would (a folder that is not a local
 safetensors checkpoint, names or shapes that do not match the model one to one, NVMe-offloaded
@@ -35,6 +37,9 @@ from torch import nn
 from training.shard_writer import INDEX_FILE, SINGLE_FILE, ShardReader
 
 log = logging.getLogger(__name__)
+# Bytes a rank reads from one file before reopening it, which lets the pages mapped so far go (the plan's
+# loading term counts it once per rank).
+READ_WINDOW_BYTES = 16 * 2**20
 
 
 @dataclass
@@ -144,7 +149,7 @@ def fill_partition(param: nn.Parameter, reader: ShardReader, name: str) -> None:
         param.ds_tensor.narrow(0, 0, stop - start).copy_(flat)
 
 
-def load_weights(model: nn.Module, folder: Path, window_bytes: int = 64 * 2**20) -> str | None:
+def load_weights(model: nn.Module, folder: Path, window_bytes: int = READ_WINDOW_BYTES) -> str | None:
     """Fill ``model`` (built by :func:`build_partitioned`) from ``folder``; returns why it could not
     (nothing was changed then), or None when every parameter and persistent buffer is loaded."""
     reader = ShardReader(folder, window_bytes=window_bytes)
