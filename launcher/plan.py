@@ -250,14 +250,14 @@ def host_memory(shape: ModelShape, precision: str, stage: int, gpus_per_node: in
     """Host RAM a node needs to load the model at the start of training, and that ``zerotune export``
     needs (one process, any stage), with a warning for each that exceeds ``cpu_memory_gb``.
 
-    Loading (:func:`loading_bytes_per_rank`) costs every rank of the node. Below ZeRO-3 the node of
-    global rank 0 also holds the checkpoint it reads (assumed stored in the training precision). Export
+    Loading (:func:`loading_bytes_per_rank`) costs every rank of the node. Where it does not stream, the
+    node of global rank 0 also holds the checkpoint it reads (assumed stored in the training precision). Export
     streams (training.export): a fixed cost plus a few copies of the largest tensor, whatever the model's
     size.
     """
     width = 4 if precision == "fp32" else 2
     loading = gpus_per_node * loading_bytes_per_rank(shape, width, stage, total_gpus)
-    if stage != 3:
+    if not streams_loading(shape, stage):
         loading += width * shape.params
     export = (IMPORT_BASELINE_GB + EXPORT_FIXED_GB) * GB + EXPORT_BYTES_PER_LARGEST_PARAM * shape.largest_layer_params
     out = {"loading_gb_per_node": round(loading / GB, 2), "export_gb": round(export / GB, 2), "warnings": []}
@@ -274,14 +274,21 @@ def loading_bytes_per_rank(shape: ModelShape, width: int, stage: int, total_gpus
     ZeRO-3 streams each rank's partition from the checkpoint (training.zero3_load): the partition, the
     largest module built whole before ``zero.Init`` partitions it, the read window and a measured slack.
     At 70B on 64 ranks in bf16: 2.2 GB of partition + 2.1 GB of embedding + slack, about 5 GB per rank.
-    Other stages load through transformers' ``from_pretrained`` (LOAD_MODEL_COPIES_PER_RANK copies).
+    Other stages, and MoE checkpoints (their experts stored one by one, fused by transformers), load
+    through transformers' ``from_pretrained`` (LOAD_MODEL_COPIES_PER_RANK copies).
     """
     from training.zero3_load import READ_WINDOW_BYTES
 
-    if stage == 3:
+    if streams_loading(shape, stage):
         return (IMPORT_BASELINE_GB * GB + width * shape.params / total_gpus + width * shape.largest_layer_params
                 + READ_WINDOW_BYTES + LOAD_ZERO3_SLACK_GB * GB)
     return IMPORT_BASELINE_GB * GB + LOAD_MODEL_COPIES_PER_RANK * width * shape.params
+
+
+def streams_loading(shape: ModelShape, stage: int) -> bool:
+    """Whether training.zero3_load streams this model: ZeRO-3, and not a MoE model (fewer active than total
+    parameters), whose checkpoint names need transformers' expert fusion."""
+    return stage == 3 and shape.active_params in (0, shape.params)
 
 
 # --------------------------------------------------------------------------- batch arithmetic and time

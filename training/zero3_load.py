@@ -19,12 +19,13 @@ at 70B), the read window and allocator slack (launcher/plan.py ``host_memory``; 
 benchmarks/RESULTS.md). Buffers are small and read whole on every rank.
 
 Anything this loader does not handle exactly as transformers would (a folder that is not a local
-safetensors checkpoint, names or shapes that do not match the model one to one, NVMe-offloaded
-parameters) falls back to ``from_pretrained`` with one log line saying why.
+safetensors checkpoint, a quantized one, names or shapes that do not match the model one to one,
+NVMe-offloaded parameters) falls back to ``from_pretrained`` with one log line saying why.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from contextlib import contextmanager
@@ -62,6 +63,9 @@ def fallback_reason(name_or_path: str, ds_config: dict) -> str | None:
     """Why this checkpoint must go through ``from_pretrained`` instead, or None if it can stream."""
     if checkpoint_folder(name_or_path) is None:
         return f"{name_or_path} is not a local folder with {SINGLE_FILE} or {INDEX_FILE}"
+    config = json.loads((checkpoint_folder(name_or_path) / "config.json").read_text(encoding="utf-8"))
+    if config.get("quantization_config"):
+        return "the checkpoint is quantized"
     offload = (ds_config.get("zero_optimization", {}).get("offload_param") or {}).get("device")
     if offload == "nvme":
         return "parameters are offloaded to NVMe"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -221,6 +222,8 @@ def test_host_memory_for_loading_and_export_and_its_warnings(tmp_path, capsys):
     expected = 4 * (IMPORT_BASELINE_GB * GB + LOAD_MODEL_COPIES_PER_RANK * 2 * P) + 2 * P
     zero2 = host_memory(shape, "bf16", 2, gpus_per_node=4, total_gpus=8, cpu_memory_gb=1024)
     assert zero2["loading_gb_per_node"] == round(expected / GB, 2)
+    moe = dataclasses.replace(shape, active_params=shape.params // 2)  # MoE: from_pretrained even at ZeRO-3
+    assert host_memory(moe, "bf16", 3, gpus_per_node=4, total_gpus=8, cpu_memory_gb=1024) == zero2
     fp32 = host_memory(shape, "fp32", 2, gpus_per_node=4, total_gpus=8, cpu_memory_gb=1024)
     assert fp32["loading_gb_per_node"] == round((expected + 4 * 1.25 * 2 * P + 2 * P) / GB, 2)
     export = (IMPORT_BASELINE_GB + EXPORT_FIXED_GB) * GB + EXPORT_BYTES_PER_LARGEST_PARAM * L
