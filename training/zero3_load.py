@@ -15,7 +15,7 @@ partition (DeepSpeed's layout: rank r of the parameter's group holds flat elemen
 after every ``READ_WINDOW_BYTES`` read so the mapped pages are let go. No collective runs while reading
 and no rank holds more of a tensor than its slice plus one row. Host RAM per rank: its partition, one
 module built whole by ``zero.Init`` before it partitions it (the largest is the embedding: 2 GB in bf16
-at 70B), the read window and allocator slack (launcher/plan.py ``host_memory``; measured in
+at 70B), the read window and allocator slack (launcher/plan.py ``loading_bytes_per_rank``; measured in
 benchmarks/RESULTS.md). Buffers are small and read whole on every rank.
 
 Anything this loader does not handle exactly as transformers would (a folder that is not a local
