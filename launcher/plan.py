@@ -40,10 +40,14 @@ DEFAULT_MFU = 0.40
 # Host RAM at the edges of a run (measured: benchmarks/RESULTS.md, "host memory at the edges of a run").
 IMPORT_BASELINE_GB = 0.3  # a process that has imported torch, transformers and deepspeed
 EXPORT_FIXED_GB = 0.3  # model classes, tokenizer, the 64 MiB shard read window, allocator slack
-# Loading (transformers from_pretrained, ZeRO-3 or not) peaked at ~1.2 copies of the whole model in the
-# training precision on EVERY rank (measured: 182M bf16, 2 ranks, rank 1 +0.44 GB for a 0.36 GB model),
-# and global rank 0 also maps the whole checkpoint file. Not yet the partition plus one layer it should be.
+# Loading at ZeRO-0/1/2 (transformers from_pretrained): every rank holds the whole model, and global rank 0
+# maps the whole checkpoint. Not measured below ZeRO-3: the ~1.25 copies from_pretrained peaked at under
+# ZeRO-3 (182M bf16, 2 ranks) stand in for it.
 LOAD_MODEL_COPIES_PER_RANK = 1.25
+# Loading at ZeRO-3 (training.zero3_load): a rank's partition, one module built whole before zero.Init
+# partitions it, the loader's read window, and this slack (allocator and gloo buffers: the largest excess
+# over the other terms in 4 runs, 182M and 358M in bf16 on 2 ranks, was 0.18 GB, flat in model size).
+LOAD_ZERO3_SLACK_GB = 0.2
 # Export holds at most a few copies of the largest tensor at once: the fp32 source, its gather buffer, the
 # converted copy and its read-back (4 + 4 + 2 + 2 bytes per element).
 EXPORT_BYTES_PER_LARGEST_PARAM = 12
@@ -249,26 +253,50 @@ def _label(est: StageEstimate) -> str:
 # --------------------------------------------------------------------------- host memory
 
 
-def host_memory(shape: ModelShape, precision: str, stage: int, gpus_per_node: int, cpu_memory_gb: float) -> dict:
+def host_memory(shape: ModelShape, precision: str, stage: int, gpus_per_node: int, total_gpus: int,
+                cpu_memory_gb: float) -> dict:
     """Host RAM a node needs to load the model at the start of training, and that ``zerotune export``
     needs (one process, any stage), with a warning for each that exceeds ``cpu_memory_gb``.
 
-    Loading, as measured (LOAD_MODEL_COPIES_PER_RANK): every rank pays the import baseline and ~1.25
-    copies of the model in the training precision, and the node of global rank 0 also holds the checkpoint
-    it reads (assumed stored in the training precision). Export streams (training.export): a fixed cost
-    plus a few copies of the largest tensor, whatever the model's size. ``stage`` names the stage in the
-    warning; loading costs the same at every stage today.
+    Loading (:func:`loading_bytes_per_rank`) costs every rank of the node. Where it does not stream, the
+    node of global rank 0 also holds the checkpoint it reads (assumed stored in the training precision). Export
+    streams (training.export): a fixed cost plus a few copies of the largest tensor, whatever the model's
+    size.
     """
     width = 4 if precision == "fp32" else 2
-    per_rank = IMPORT_BASELINE_GB * GB + LOAD_MODEL_COPIES_PER_RANK * width * shape.params
-    loading = gpus_per_node * per_rank + width * shape.params
+    loading = gpus_per_node * loading_bytes_per_rank(shape, width, stage, total_gpus)
+    if not streams_loading(shape, stage):
+        loading += width * shape.params
     export = (IMPORT_BASELINE_GB + EXPORT_FIXED_GB) * GB + EXPORT_BYTES_PER_LARGEST_PARAM * shape.largest_layer_params
     out = {"loading_gb_per_node": round(loading / GB, 2), "export_gb": round(export / GB, 2), "warnings": []}
-    for what, need in (("loading the model (ZeRO-%d, rank 0's node)" % stage, out["loading_gb_per_node"]),
+    for what, need in (("loading the model (ZeRO-%d, per node)" % stage, out["loading_gb_per_node"]),
                        ("zerotune export", out["export_gb"])):
         if need > cpu_memory_gb:
             out["warnings"].append(f"{what} needs ~{need:.1f} GB of host RAM > --cpu-memory-gb {cpu_memory_gb:g}")
     return out
+
+
+def loading_bytes_per_rank(shape: ModelShape, width: int, stage: int, total_gpus: int) -> float:
+    """Host bytes one rank peaks at while loading the model, ``width`` bytes per parameter.
+
+    ZeRO-3 streams each rank's partition from the checkpoint (training.zero3_load): the partition, the
+    largest module built whole before ``zero.Init`` partitions it, the read window and a measured slack.
+    At 70B on 64 ranks in bf16: 2.2 GB of partition + 2.1 GB of embedding + slack, about 5 GB per rank.
+    Other stages, and MoE checkpoints (their experts stored one by one, fused by transformers), load
+    through transformers' ``from_pretrained`` (LOAD_MODEL_COPIES_PER_RANK copies).
+    """
+    from training.zero3_load import READ_WINDOW_BYTES
+
+    if streams_loading(shape, stage):
+        return (IMPORT_BASELINE_GB * GB + width * shape.params / total_gpus + width * shape.largest_layer_params
+                + READ_WINDOW_BYTES + LOAD_ZERO3_SLACK_GB * GB)
+    return IMPORT_BASELINE_GB * GB + LOAD_MODEL_COPIES_PER_RANK * width * shape.params
+
+
+def streams_loading(shape: ModelShape, stage: int) -> bool:
+    """Whether training.zero3_load streams this model: ZeRO-3, and not a MoE model (fewer active than total
+    parameters), whose checkpoint names need transformers' expert fusion."""
+    return stage == 3 and shape.active_params in (0, shape.params)
 
 
 # --------------------------------------------------------------------------- batch arithmetic and time
@@ -325,7 +353,8 @@ def make_plan(cfg, num_nodes: int = 1, gpus_per_node: int = 8, gpu_memory_gb: fl
     hardware = {"nodes": num_nodes, "gpus_per_node": gpus_per_node, "gpu_memory_gb": gpu_memory_gb,
                 "cpu_memory_gb": cpu_memory_gb}
     batch = batch_arithmetic(cfg, num_nodes * gpus_per_node, shape, peak_tflops, mfu)
-    host = host_memory(shape, cfg.train.precision, chosen["stage"] if chosen else 3, gpus_per_node, cpu_memory_gb)
+    host = host_memory(shape, cfg.train.precision, chosen["stage"] if chosen else 3, gpus_per_node,
+                       num_nodes * gpus_per_node, cpu_memory_gb)
     return Plan(model=asdict(shape), hardware=hardware, params=shape.params, stages=stages, chosen=chosen,
                 reason=reason, batch=batch, host=host, step=step_kernels(cfg))
 

@@ -6,7 +6,9 @@ Three facts shape this module:
   ``HfDeepSpeedConfig`` says stage 3: ``from_pretrained`` then builds the model inside
   ``deepspeed.zero.Init(config_dict_or_path=<that config>)`` and loads the weights one gathered module
   at a time. Wrapping ``from_pretrained`` in our own ``zero.Init`` instead would load weights into
-  empty partitions, so we hand the config to transformers.
+  empty partitions, so we hand the config to transformers. Its loader maps the whole checkpoint on
+  global rank 0, though, so a local safetensors checkpoint is streamed instead, each rank reading only
+  its partition's slices (training/zero3_load.py).
 - Restarting ``position_ids`` does not stop packed documents attending to each other, and transformers
   treats only a batch of one row as packed. So every micro-batch runs as one padding-free row with its
   document bounds from the collator (training.attention), and the loss never holds the full fp32 logits
@@ -52,10 +54,13 @@ def load_model(model_cfg, precision: str, ds_config: dict) -> nn.Module:
     attention = choose_attention(model_cfg.attn_implementation)
     hf_ds_config = _zero3_hf_config(ds_config)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            model_cfg.name_or_path, revision=model_cfg.revision, dtype=PRECISION_DTYPES[precision],
-            attn_implementation=attention.hf_name,
-            trust_remote_code=model_cfg.trust_remote_code)
+        model = _load_zero3_streaming(model_cfg, precision, ds_config, attention.hf_name) \
+            if hf_ds_config is not None else None
+        if model is None:
+            model = AutoModelForCausalLM.from_pretrained(
+                model_cfg.name_or_path, revision=model_cfg.revision, dtype=PRECISION_DTYPES[precision],
+                attn_implementation=attention.hf_name,
+                trust_remote_code=model_cfg.trust_remote_code)
     except (ImportError, ValueError) as exc:
         if "attn_implementation" in str(exc) or "Attention" in str(exc):
             raise ModelError(
@@ -70,6 +75,12 @@ def load_model(model_cfg, precision: str, ds_config: dict) -> nn.Module:
     model.config.use_cache = False
     apply_gradient_checkpointing(model, model_cfg.gradient_checkpointing, model_cfg.checkpoint_every_k_layers)
     return model
+
+
+def _load_zero3_streaming(model_cfg, precision: str, ds_config: dict, attn_implementation: str) -> nn.Module | None:
+    from training.zero3_load import load_streaming
+
+    return load_streaming(model_cfg, PRECISION_DTYPES[precision], ds_config, attn_implementation)
 
 
 def _zero3_hf_config(ds_config: dict):

@@ -143,13 +143,20 @@ class ShardReader:
 
     def get(self, name: str) -> torch.Tensor:
         """Tensor ``name`` as stored."""
+        return self._read(name, lambda handle: handle.get_tensor(name))
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` of tensor ``name`` (its first dimension), reading no other rows."""
+        return self._read(name, lambda handle: handle.get_slice(name)[start:stop])
+
+    def _read(self, name: str, read_from) -> torch.Tensor:
         from safetensors import safe_open
 
         path = self.files[name]
         handle, read = self._open.get(path, (None, 0))
         if handle is None or read > self._window:
             handle, read = safe_open(str(path), framework="pt"), 0
-        tensor = handle.get_tensor(name)
+        tensor = read_from(handle)
         self._open[path] = (handle, read + tensor.numel() * tensor.element_size())
         return tensor
 

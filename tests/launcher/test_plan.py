@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -213,19 +214,29 @@ def test_unreadable_model_config_is_one_line(tmp_path, capsys):
 def test_host_memory_for_loading_and_export_and_its_warnings(tmp_path, capsys):
     from launcher.cli import main
     from launcher.plan import (EXPORT_BYTES_PER_LARGEST_PARAM, EXPORT_FIXED_GB, GB, IMPORT_BASELINE_GB,
-                               LOAD_MODEL_COPIES_PER_RANK, host_memory)
+                               LOAD_MODEL_COPIES_PER_RANK, LOAD_ZERO3_SLACK_GB, host_memory)
+    from training.zero3_load import READ_WINDOW_BYTES
 
     shape = model_shape(str(_write(tmp_path, "llama")))
     P, L = shape.params, shape.largest_layer_params
-    zero3 = host_memory(shape, "bf16", 3, gpus_per_node=4, cpu_memory_gb=1024)
-    # 4 ranks per node: baseline + 1.25 model copies each; rank 0's node also holds the checkpoint.
+    zero3 = host_memory(shape, "bf16", 3, gpus_per_node=4, total_gpus=8, cpu_memory_gb=1024)
+    # ZeRO-3 streams: per rank the baseline, its 1/8 partition, the largest module whole, the read window
+    # and the slack; no checkpoint held whole anywhere.
+    per_rank = IMPORT_BASELINE_GB * GB + 2 * P / 8 + 2 * L + READ_WINDOW_BYTES + LOAD_ZERO3_SLACK_GB * GB
+    assert zero3["loading_gb_per_node"] == round(4 * per_rank / GB, 2)
+    more_nodes = host_memory(shape, "bf16", 3, gpus_per_node=4, total_gpus=16, cpu_memory_gb=1024)
+    assert more_nodes["loading_gb_per_node"] == round(4 * (per_rank - 2 * P / 16) / GB, 2)
+    # Below ZeRO-3 from_pretrained: ~1.25 model copies per rank; rank 0's node also holds the checkpoint.
     expected = 4 * (IMPORT_BASELINE_GB * GB + LOAD_MODEL_COPIES_PER_RANK * 2 * P) + 2 * P
-    assert zero3["loading_gb_per_node"] == round(expected / GB, 2)
-    fp32 = host_memory(shape, "fp32", 3, gpus_per_node=4, cpu_memory_gb=1024)
+    zero2 = host_memory(shape, "bf16", 2, gpus_per_node=4, total_gpus=8, cpu_memory_gb=1024)
+    assert zero2["loading_gb_per_node"] == round(expected / GB, 2)
+    moe = dataclasses.replace(shape, active_params=shape.params // 2)  # MoE: from_pretrained even at ZeRO-3
+    assert host_memory(moe, "bf16", 3, gpus_per_node=4, total_gpus=8, cpu_memory_gb=1024) == zero2
+    fp32 = host_memory(shape, "fp32", 2, gpus_per_node=4, total_gpus=8, cpu_memory_gb=1024)
     assert fp32["loading_gb_per_node"] == round((expected + 4 * 1.25 * 2 * P + 2 * P) / GB, 2)
     export = (IMPORT_BASELINE_GB + EXPORT_FIXED_GB) * GB + EXPORT_BYTES_PER_LARGEST_PARAM * L
     assert zero3["export_gb"] == fp32["export_gb"] == round(export / GB, 2) and zero3["warnings"] == []
-    tight = host_memory(shape, "bf16", 3, gpus_per_node=8, cpu_memory_gb=0.5)
+    tight = host_memory(shape, "bf16", 3, gpus_per_node=8, total_gpus=8, cpu_memory_gb=0.5)
     assert len(tight["warnings"]) == 2 and "zerotune export needs" in tight["warnings"][1]
 
     cfg = tmp_path / "run.yaml"
