@@ -95,9 +95,10 @@ class Driver:
         pad_id = ctx.tokenizer.pad_token_id if ctx.tokenizer.pad_token_id is not None else 0
         pad_to = ctx.manifest["seq_len"] if t.pad_to == "seq_len" else None
         self.collator = Collator(pad_id, pad_to)
+        # Every rank opens the whole training split: the order is global, each step deals out its share.
         self.train_data = TrainBatches(
-            RankSequences.open(ctx.data_dir, ctx.manifest, "train", self.rank, self.world_size), self.collator,
-            t.micro_batch_size, t.gradient_accumulation_steps, t.seed, self.rank)
+            RankSequences.open(ctx.data_dir, ctx.manifest, "train", rank=0, world_size=1), self.collator,
+            t.micro_batch_size, t.gradient_accumulation_steps, self.world_size, self.rank, t.seed)
         self.eval_micro = e.micro_batch_size or t.micro_batch_size
         self.total_steps = total_steps
         self.progress = Progress()
