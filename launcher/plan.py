@@ -268,8 +268,12 @@ def host_memory(shape: ModelShape, precision: str, stage: int, gpus_per_node: in
 
 def batch_arithmetic(cfg, world_size: int, shape: ModelShape, peak_tflops: float, mfu: float) -> dict:
     """Tokens per optimizer step, steps per epoch and in total (from the manifest if prepared), wall time."""
+    from training.steps import plan_steps, resolve_batch
+
     t = cfg.train
-    seqs_per_step = t.micro_batch_size * t.gradient_accumulation_steps * world_size
+    micro, accum = resolve_batch(t.micro_batch_size, t.gradient_accumulation_steps, t.global_batch_size,
+                                 world_size)
+    seqs_per_step = micro * accum * world_size
     out = {"world_size": world_size, "sequences_per_step": seqs_per_step,
            "max_tokens_per_step": seqs_per_step * cfg.data.seq_len,
            "peak_tflops": peak_tflops, "mfu": mfu}
@@ -280,10 +284,9 @@ def batch_arithmetic(cfg, world_size: int, shape: ModelShape, peak_tflops: float
         tokens_per_step = out["max_tokens_per_step"]
     else:
         train = json.loads(manifest_path.read_text(encoding="utf-8"))["splits"]["train"]
-        # Every rank gets the same number of sequences; the remainder is dropped each epoch.
-        steps_per_epoch = train["sequences"] // seqs_per_step
+        steps_plan = plan_steps(t, train["sequences"], world_size)
+        steps_per_epoch, steps = steps_plan.steps_per_epoch, steps_plan.total_steps
         tokens_per_step = int(train["tokens"] / max(1, train["sequences"]) * seqs_per_step)
-        steps = t.max_steps if t.max_steps is not None else t.epochs * steps_per_epoch
         out.update(data=str(manifest_path), train_sequences=train["sequences"], train_tokens=train["tokens"],
                    steps_per_epoch=steps_per_epoch)
     out["tokens_per_step"] = tokens_per_step

@@ -11,12 +11,13 @@ def cmd_slurm(args) -> int:
     """Validate config and data, render <output_dir>/job.sbatch, check it with sbatch --test-only, submit."""
     from launcher.cluster import Cluster, Host
     from launcher.launch import check_data, resolve_auto_stage
+    from launcher.launch_cli import steps_line
     from training.config import load_config, save_config
 
     cfg = load_config(args.config, args.overrides)
     world_size = args.nodes * args.gpus_per_node
     cfg.validate(world_size)
-    check_data(cfg.data.output_dir)
+    manifest = check_data(cfg.data.output_dir)
     nodes = Cluster([Host(f"node{i}", args.gpus_per_node) for i in range(args.nodes)], "slurm")
     stage_reason = resolve_auto_stage(cfg, nodes, args.gpu_memory_gb, args.cpu_memory_gb)
     if stage_reason:
@@ -33,6 +34,7 @@ def cmd_slurm(args) -> int:
     script.write_text(render(spec, config_path, log_dir), encoding="utf-8")
     print(f"wrote {script} ({args.nodes} node(s) x {args.gpus_per_node} rank(s), {world_size} ranks; "
           f"logs in {log_dir})")
+    print(steps_line(cfg, manifest, world_size))
     if not slurm_present():
         print("sbatch not found here: not checked; submit it with `sbatch` on the cluster")
         return 0
