@@ -95,6 +95,7 @@ class Plan:
     reason: str
     batch: dict = field(default_factory=dict)
     host: dict = field(default_factory=dict)
+    checkpoint: dict = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -238,6 +239,21 @@ def _label(est: StageEstimate) -> str:
     return f"ZeRO-{est.stage}{' + CPU offload' if est.offload else ''}"
 
 
+# --------------------------------------------------------------------------- checkpoints
+
+# Assumed aggregate checkpoint write speed per node (parallel file system, every rank writing its shard).
+CHECKPOINT_WRITE_GB_PER_S_PER_NODE = 1.0
+
+
+def checkpoint_estimate(params: int, precision: str, num_nodes: int) -> dict:
+    """Bytes of a full checkpoint (weights in the training precision; fp32 master weights when training in
+    16 bits; Adam's two fp32 moments) and its save time at CHECKPOINT_WRITE_GB_PER_S_PER_NODE per node."""
+    per_param = 4 + 8 if precision == "fp32" else 2 + 4 + 8
+    size = per_param * params
+    return {"bytes": size, "gb": round(size / GB, 2),
+            "estimated_save_seconds": round(size / GB / (CHECKPOINT_WRITE_GB_PER_S_PER_NODE * num_nodes), 1)}
+
+
 # --------------------------------------------------------------------------- host memory
 
 
@@ -320,7 +336,8 @@ def make_plan(cfg, num_nodes: int = 1, gpus_per_node: int = 8, gpu_memory_gb: fl
     batch = batch_arithmetic(cfg, num_nodes * gpus_per_node, shape, peak_tflops, mfu)
     host = host_memory(shape, cfg.train.precision, chosen["stage"] if chosen else 3, gpus_per_node, cpu_memory_gb)
     return Plan(model=asdict(shape), hardware=hardware, params=shape.params, stages=stages, chosen=chosen,
-                reason=reason, batch=batch, host=host)
+                reason=reason, batch=batch, host=host,
+                checkpoint=checkpoint_estimate(shape.params, cfg.train.precision, num_nodes))
 
 
 def format_plan(plan: Plan) -> str:
