@@ -367,7 +367,7 @@ def test_one_rank_and_two_ranks_train_alike_with_the_same_global_batch(reference
         assert one[step] == pytest.approx(two[step], abs=CROSS_WORLD_TOL), step
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_resume_two_ranks_on_one(deepspeed_bin, reference, tmp_path, stage):
     proc, run = _resume_on(deepspeed_bin, reference(stage), tmp_path, ranks=1)
     check(proc)
