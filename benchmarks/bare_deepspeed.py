@@ -35,16 +35,15 @@ def build_batches(data_dir: str, rank: int, world: int, micro: int, steps: int, 
     import torch
 
     from data_prep.format import load_manifest
-    from training.data import RankSequences, epoch_order
+    from training.data import Collator, RankSequences, TrainBatches
 
     manifest = load_manifest(data_dir)
-    seqs = RankSequences.open(data_dir, manifest, "train", rank, world)
-    per_epoch = len(seqs) // micro
+    whole = RankSequences.open(data_dir, manifest, "train", rank=0, world_size=1)
+    data = TrainBatches(whole, Collator(0), micro, 1, world, rank, seed)
     batches = []
     for step in range(steps):
-        epoch, k = divmod(step, per_epoch)
-        order = epoch_order(len(seqs), seed, epoch, rank)[k * micro:(k + 1) * micro]
-        rows = [np.asarray(seqs.get(int(j))["input_ids"], dtype=np.int64) for j in order]
+        epoch, k = divmod(step, data.steps_per_epoch)
+        rows = [np.asarray(whole.get(j)["input_ids"], dtype=np.int64) for j in data.step_sequences(epoch, k)[rank]]
         if len({len(r) for r in rows}) != 1:
             raise SystemExit("bare_deepspeed.py needs full fixed-length sequences (prep text with truncation)")
         batches.append(torch.from_numpy(np.stack(rows)))

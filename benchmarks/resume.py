@@ -39,8 +39,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def setup_run(args, model: Path, data_dir: Path, manifest: dict) -> tuple[Path, int, int]:
     """Train once to 90% of epoch 1; returns (run dir, step at 0% of epoch 1, step at 90% of epoch 1)."""
-    per_rank = -(-manifest["splits"]["train"]["sequences"] // 2)
-    steps_per_epoch = per_rank // args.micro
+    from training.config import TrainConfig
+    from training.steps import plan_steps
+
+    steps_per_epoch = plan_steps(TrainConfig(micro_batch_size=args.micro), manifest["splits"]["train"]["sequences"],
+                                 world_size=2).steps_per_epoch
     at_0, at_90 = steps_per_epoch, steps_per_epoch + round(0.9 * steps_per_epoch)
     run = args.work / "runs" / "resume" / f"setup-micro{args.micro}"
     from training.checkpoint import checkpoint_root, is_complete, tag_for_step

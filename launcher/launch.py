@@ -167,12 +167,20 @@ def check_data(data_dir: str | Path) -> dict:
     return manifest
 
 
-def assignment_summary(manifest: dict, world_size: int) -> dict:
-    """Per split and rank, the (shard, start, stop) ranges it reads: training.data.assign_sequences's answer."""
+def assignment_summary(manifest: dict, world_size: int, global_batch_size: int) -> dict:
+    """What each rank reads. Training: the global order (training.data), each step's ``global_batch_size``
+    sequences dealt across the ranks; evaluation splits: per rank, the (shard, start, stop) ranges of
+    training.data.assign_sequences."""
     from training.data import assign_sequences
 
     out = {"world_size": world_size, "splits": {}}
     for split in manifest["splits"]:
+        if split == "train":
+            out["splits"][split] = {
+                "order": "global: per epoch one permutation of all sequences from (train.seed, epoch); each "
+                         "step's sequences dealt across ranks by supervised tokens",
+                "global_batch_size": global_batch_size, "sequences_per_rank_per_step": global_batch_size // world_size}
+            continue
         ranks = assign_sequences(manifest, split, world_size)
         out["splits"][split] = {
             "sequences_per_rank": [sum(stop - start for _, start, stop in r) for r in ranks],
@@ -258,7 +266,9 @@ def write_run_dir(cfg, cluster: Cluster, manifest: dict | None, stage_dir: str |
         files.hostfile.write_text(build_hostfile(cluster.hosts), encoding="utf-8")
     if manifest is not None:
         files.assignment = run_dir / "assignment.json"
-        files.assignment.write_text(json.dumps(assignment_summary(manifest, cluster.world_size)), encoding="utf-8")
+        files.assignment.write_text(json.dumps(assignment_summary(
+            manifest, cluster.world_size,
+            cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps * cluster.world_size)), encoding="utf-8")
     files.ds_config = _write_ds_config(cfg, cluster.world_size, run_dir)
     export = ""
     if is_multi_host(cluster):

@@ -13,11 +13,13 @@ from launcher.launch import (check_data, check_launcher_tools, resolve_auto_stag
 def cmd_launch(args) -> int:
     """Check everything, write the run dir, then run (or, with --dry-run, print) the command."""
     from training.config import load_config
+    from training.steps import resolved_train
 
     cfg = load_config(args.config, args.overrides)
     cluster = discover(hostfile=args.hostfile, num_gpus=args.num_gpus, master_port=args.master_port,
                        master_addr=args.master_addr)
     cfg.validate(cluster.world_size)
+    cfg.train = resolved_train(cfg.train, cluster.world_size)  # micro and accumulation for these ranks
     if cluster.source != "slurm":
         check_hosts(cluster, ssh_timeout_s=args.ssh_timeout)
     check_launcher_tools(cluster)
@@ -32,7 +34,7 @@ def cmd_launch(args) -> int:
                           train_args=["--no-preflight"] if args.no_preflight else [])
     argv = files.argv
     print(_summary(cfg, cluster, files, args.stage_data))
-    print(_steps_line(cfg, manifest, cluster.world_size))
+    print(steps_line(cfg, manifest, cluster.world_size))
     print(f"command: {shlex.join(argv)}")
     if args.dry_run:
         print("dry run: nothing started")
@@ -56,15 +58,13 @@ def _summary(cfg, cluster, files, stage_dir) -> str:
     return "\n".join(lines)
 
 
-def _steps_line(cfg, manifest: dict, world_size: int) -> str:
-    """Steps per epoch and in total, from the manifest (every rank gets the same number of sequences)."""
-    t = cfg.train
-    sequences = manifest["splits"]["train"]["sequences"]
-    per_step = t.micro_batch_size * t.gradient_accumulation_steps * world_size
-    per_epoch = sequences // per_step
-    total = t.max_steps if t.max_steps is not None else t.epochs * per_epoch
-    return (f"steps: {sequences} training sequences / {per_step} per optimizer step = {per_epoch} steps per "
-            f"epoch; {total} steps in total")
+def steps_line(cfg, manifest: dict, world_size: int) -> str:
+    """Steps per epoch and in total, from training.steps.plan_steps (what the run takes)."""
+    from training.steps import plan_steps, train_sequences
+
+    plan = plan_steps(cfg.train, train_sequences(manifest), world_size)
+    return (f"steps: {plan.train_sequences} training sequences / {plan.global_batch_size} per optimizer step = "
+            f"{plan.steps_per_epoch} steps per epoch; {plan.total_steps} steps in total")
 
 
 def register(subparsers, add_config_args) -> None:

@@ -104,6 +104,7 @@ class Plan:
     batch: dict = field(default_factory=dict)
     host: dict = field(default_factory=dict)
     step: dict = field(default_factory=dict)
+    checkpoint: dict = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -250,6 +251,21 @@ def _label(est: StageEstimate) -> str:
     return f"ZeRO-{est.stage}{' + CPU offload' if est.offload else ''}"
 
 
+# --------------------------------------------------------------------------- checkpoints
+
+# Assumed aggregate checkpoint write speed per node (parallel file system, every rank writing its shard).
+CHECKPOINT_WRITE_GB_PER_S_PER_NODE = 1.0
+
+
+def checkpoint_estimate(params: int, precision: str, num_nodes: int) -> dict:
+    """Bytes of a full checkpoint (weights in the training precision; fp32 master weights when training in
+    16 bits; Adam's two fp32 moments) and its save time at CHECKPOINT_WRITE_GB_PER_S_PER_NODE per node."""
+    per_param = 4 + 8 if precision == "fp32" else 2 + 4 + 8
+    size = per_param * params
+    return {"bytes": size, "gb": round(size / GB, 2),
+            "estimated_save_seconds": round(size / GB / (CHECKPOINT_WRITE_GB_PER_S_PER_NODE * num_nodes), 1)}
+
+
 # --------------------------------------------------------------------------- host memory
 
 
@@ -304,8 +320,12 @@ def streams_loading(shape: ModelShape, stage: int) -> bool:
 
 def batch_arithmetic(cfg, world_size: int, shape: ModelShape, peak_tflops: float, mfu: float) -> dict:
     """Tokens per optimizer step, steps per epoch and in total (from the manifest if prepared), wall time."""
+    from training.steps import plan_steps, resolve_batch
+
     t = cfg.train
-    seqs_per_step = t.micro_batch_size * t.gradient_accumulation_steps * world_size
+    micro, accum = resolve_batch(t.micro_batch_size, t.gradient_accumulation_steps, t.global_batch_size,
+                                 world_size)
+    seqs_per_step = micro * accum * world_size
     out = {"world_size": world_size, "sequences_per_step": seqs_per_step,
            "max_tokens_per_step": seqs_per_step * cfg.data.seq_len,
            "peak_tflops": peak_tflops, "mfu": mfu}
@@ -316,10 +336,9 @@ def batch_arithmetic(cfg, world_size: int, shape: ModelShape, peak_tflops: float
         tokens_per_step = out["max_tokens_per_step"]
     else:
         train = json.loads(manifest_path.read_text(encoding="utf-8"))["splits"]["train"]
-        # Every rank gets the same number of sequences; the remainder is dropped each epoch.
-        steps_per_epoch = train["sequences"] // seqs_per_step
+        steps_plan = plan_steps(t, train["sequences"], world_size)
+        steps_per_epoch, steps = steps_plan.steps_per_epoch, steps_plan.total_steps
         tokens_per_step = int(train["tokens"] / max(1, train["sequences"]) * seqs_per_step)
-        steps = t.max_steps if t.max_steps is not None else t.epochs * steps_per_epoch
         out.update(data=str(manifest_path), train_sequences=train["sequences"], train_tokens=train["tokens"],
                    steps_per_epoch=steps_per_epoch)
     out["tokens_per_step"] = tokens_per_step
@@ -356,7 +375,8 @@ def make_plan(cfg, num_nodes: int = 1, gpus_per_node: int = 8, gpu_memory_gb: fl
     host = host_memory(shape, cfg.train.precision, chosen["stage"] if chosen else 3, gpus_per_node,
                        num_nodes * gpus_per_node, cpu_memory_gb)
     return Plan(model=asdict(shape), hardware=hardware, params=shape.params, stages=stages, chosen=chosen,
-                reason=reason, batch=batch, host=host, step=step_kernels(cfg))
+                reason=reason, batch=batch, host=host, step=step_kernels(cfg),
+                checkpoint=checkpoint_estimate(shape.params, cfg.train.precision, num_nodes))
 
 
 def step_kernels(cfg) -> dict:

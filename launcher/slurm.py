@@ -36,6 +36,11 @@ class JobSpec:
     warn_seconds: int = 300
     # On CPU-only clusters (tests) ranks are processes and no GPUs are requested.
     cpu_only: bool = False
+    # Asked for explicitly: many clusters give one CPU per task by default, which starves CPU Adam, data
+    # loading and model loading. mem "0" is SLURM's "all of each node's memory".
+    cpus_per_task: int = 8
+    mem: str = "0"
+    exclusive: bool = False
 
 
 def time_to_seconds(text: str) -> int:
@@ -56,7 +61,11 @@ def render(spec: JobSpec, run_config: str | Path, log_dir: str | Path, python: s
     if spec.warn_seconds >= limit_s:
         raise SlurmError(f"the warning {spec.warn_seconds}s before the limit must be shorter than --time "
                          f"{spec.time} ({limit_s}s)")
-    extra = []
+    if spec.cpus_per_task < 1:
+        raise SlurmError(f"--cpus-per-task {spec.cpus_per_task} must be >= 1")
+    extra = [f"#SBATCH --cpus-per-task={spec.cpus_per_task}", f"#SBATCH --mem={spec.mem}"]
+    if spec.exclusive:
+        extra.append("#SBATCH --exclusive")
     if not spec.cpu_only:
         extra.append(f"#SBATCH --gpus-per-node={spec.gpus_per_node}")
     if spec.partition:
@@ -67,13 +76,20 @@ def render(spec: JobSpec, run_config: str | Path, log_dir: str | Path, python: s
               "NODES": str(spec.nodes), "RANKS_PER_NODE": str(spec.gpus_per_node), "TIME": spec.time,
               "EXTRA_SBATCH": "\n".join(extra), "REPO_ROOT": shlex.quote(str(REPO_ROOT)),
               "PYTHON": shlex.quote(python), "TRAIN_SCRIPT": shlex.quote(str(TRAIN_SCRIPT)),
-              "RUN_CONFIG": shlex.quote(str(run_config)), "RANK_EXIT_GRACE_S": str(RANK_EXIT_GRACE_S)}
+              "RUN_CONFIG": shlex.quote(str(run_config)), "RANK_EXIT_GRACE_S": str(RANK_EXIT_GRACE_S),
+              "CPUS_PER_TASK": str(spec.cpus_per_task)}
     text = TEMPLATE.read_text(encoding="utf-8") if template is None else template
     out = re.sub(r"@([A-Z_]+)@", lambda m: values[m.group(1)] if m.group(1) in values else m.group(0), text)
     left = re.findall(r"@[A-Z_]+@", out)
     if left:
         raise SlurmError(f"template {TEMPLATE} has unknown placeholders {left}")
     return out
+
+
+def warn_seconds_for(save_seconds: float) -> int:
+    """A --warn-seconds that leaves room for a save of ``save_seconds``: the save plus half again plus a
+    minute (the step or evaluation batch in flight, the exit, slower storage on a busy day)."""
+    return int(save_seconds * 1.5 + 60 + 0.999)
 
 
 def sbatch(script: Path, test_only: bool = False) -> str:

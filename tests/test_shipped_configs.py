@@ -86,8 +86,9 @@ def test_multi_gpu_template_batch_arithmetic(rel, monkeypatch):
     t = cfg.train
     assert t.global_batch_size == t.micro_batch_size * t.gradient_accumulation_steps * world
     cfg.validate(world_size=world)
+    cfg.validate(world_size=world // 2)  # half the ranks: accumulation doubles, the global batch stays
     with pytest.raises(ConfigError, match=r"train\.global_batch_size"):
-        cfg.validate(world_size=world // 2)
+        cfg.validate(world_size=world + 1)  # cannot share it equally
 
 
 @pytest.mark.parametrize("path", DS_JSON_FILES, ids=_rel)

@@ -9,9 +9,12 @@ Layout (export reads it; keep it exactly)::
         probe.safetensors                fixed-batch logits, for export to verify consolidated weights
         COMPLETE                         empty; written by rank 0 after every rank finished
     <output_dir>/checkpoints/latest      text: the newest complete tag (temp file + os.replace)
+    <output_dir>/checkpoints/save_times.jsonl     one line per full save: tag and measured seconds (rank 0)
     <output_dir>/checkpoints/best        text: the tag with the best validation loss
     <output_dir>/checkpoints/best-weights/<tag>/   that tag's weights only (training precision, safetensors
                                          shards), probe.safetensors, best.json, COMPLETE (training.best_weights)
+    <output_dir>/checkpoints/<tag>-universal/      DeepSpeed's universal form of <tag> (ds_to_universal), made
+                                         once, when a run resumes <tag> on another world size; COMPLETE
 
 A checkpoint without ``COMPLETE`` is never loaded: a process killed during a save leaves one behind, and
 ``latest`` still names the previous complete one. ``COMPLETE`` is written only after every file and the
@@ -21,6 +24,9 @@ checkpoint with missing data.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
 import json
 import os
 import random
@@ -32,6 +38,9 @@ import numpy as np
 import torch
 
 STATE_FILE = "zerotune_state.json"
+SAVE_TIMES_FILE = "save_times.jsonl"
+UNIVERSAL_SUFFIX = "-universal"
+UNIVERSAL_STAGING = ".universal-staging"
 COMPLETE_MARKER = "COMPLETE"
 TAG_PATTERN = re.compile(r"^step-(\d{8})$")
 
@@ -84,6 +93,22 @@ def write_pointer(root: Path, name: str, tag: str) -> None:
     tmp = root / f".{name}.tmp"
     tmp.write_text(tag + "\n", encoding="utf-8")
     os.replace(tmp, root / name)
+
+
+def record_save_time(root: Path, tag: str, seconds: float) -> None:
+    """Append a full save's measured wall time (rank 0), for `zerotune slurm`'s --warn-seconds check."""
+    with open(root / SAVE_TIMES_FILE, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps({"tag": tag, "seconds": round(seconds, 3)}) + "\n")
+
+
+def last_save_time(root: Path) -> tuple[str, float] | None:
+    """(tag, seconds) of the last recorded full save under ``root``, or None."""
+    try:
+        lines = (root / SAVE_TIMES_FILE).read_text(encoding="utf-8").splitlines()
+        record = json.loads(lines[-1])
+        return str(record["tag"]), float(record["seconds"])
+    except (OSError, IndexError, ValueError, KeyError, TypeError):
+        return None
 
 
 def read_pointer(root: Path, name: str) -> str | None:
@@ -207,4 +232,51 @@ def prune(root: Path, keep_last: int, keep_tags: set[str]) -> list[str]:
               and (p.name in tags or p.name < newest)]
     for folder in doomed:
         shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(universal_folder(root, folder.name), ignore_errors=True)
     return sorted(p.name for p in doomed)
+
+
+# --------------------------------------------------------------------------- another world size
+
+
+def universal_folder(root: Path, tag: str) -> Path:
+    """Where ``tag``'s universal form lives: a sibling folder, ``<tag>-universal``."""
+    return root / f"{tag}{UNIVERSAL_SUFFIX}"
+
+
+def convert_to_universal(root: Path, tag: str, saved_world_size: int) -> Path:
+    """``tag`` in DeepSpeed's universal checkpoint form (rank 0 only), made once: converted with
+    ``deepspeed.checkpoint.ds_to_universal`` into a staging folder, marked complete, then renamed into
+    place, so a crash mid-way leaves nothing that looks finished. Raises ResumeError when DeepSpeed cannot
+    convert it.
+
+    Cost: the conversion reads every rank's optimizer shards and writes one fp32 file per parameter and
+    state (weights, both Adam moments): ~12 bytes per parameter, 840 GB for a 70B model, written once.
+    """
+    final = universal_folder(root, tag)
+    if (final / COMPLETE_MARKER).is_file():
+        return final
+    staging = root / UNIVERSAL_STAGING
+    shutil.rmtree(staging, ignore_errors=True)
+    work = staging / final.name
+    work.mkdir(parents=True)
+    args = argparse.Namespace(input_folder=str(root / tag), output_folder=str(work), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True,
+                              inject_missing_state=True)
+    try:
+        from deepspeed.checkpoint import ds_to_universal
+
+        with contextlib.redirect_stdout(io.StringIO()):  # its progress report; our one line says what happened
+            ds_to_universal.main(args)
+    except Exception as exc:  # DeepSpeed raises assertion, value and runtime errors alike here
+        shutil.rmtree(staging, ignore_errors=True)
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
+        raise ResumeError(f"{root / tag}: DeepSpeed cannot convert this checkpoint to the universal form a new "
+                          f"world size needs ({type(exc).__name__}: {reason}); resume with {saved_world_size} "
+                          f"data-parallel ranks, as it was saved, or start a new output_dir") from None
+    mark_complete(work)
+    shutil.rmtree(final, ignore_errors=True)  # an unfinished one from an earlier attempt (no COMPLETE)
+    os.replace(work, final)
+    fsync_path(root)
+    shutil.rmtree(staging, ignore_errors=True)
+    return final

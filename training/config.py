@@ -62,7 +62,8 @@ class TrainConfig:
     epochs: int = 1
     micro_batch_size: int = 1
     gradient_accumulation_steps: int = 1
-    # When set, must equal micro_batch_size x gradient_accumulation_steps x data-parallel size.
+    # When set, it is fixed: on any world size that divides it, accumulation (then the micro-batch, never
+    # above micro_batch_size) adapts so micro x accumulation x data-parallel equals it (training.steps).
     global_batch_size: Optional[int] = None
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     lr: float = 2e-5
@@ -209,11 +210,12 @@ def _cross_field_problems(cfg: RunConfig, world_size: int | None) -> list[str]:
         p.append(f"deepspeed.config: {cfg.deepspeed.config!r} not found (looked at {cfg.ds_config_path()}); "
                  f"shipped: {', '.join(sorted(x.name for x in DS_CONFIG_DIR.glob('*.json')))}")
     if world_size is not None and t.global_batch_size is not None:
-        got = t.micro_batch_size * t.gradient_accumulation_steps * world_size
-        if got != t.global_batch_size:
-            p.append(f"train.global_batch_size {t.global_batch_size} != train.micro_batch_size "
-                     f"{t.micro_batch_size} x train.gradient_accumulation_steps {t.gradient_accumulation_steps}"
-                     f" x data-parallel {world_size} = {got}")
+        from training.steps import BatchError, resolve_batch
+
+        try:
+            resolve_batch(t.micro_batch_size, t.gradient_accumulation_steps, t.global_batch_size, world_size)
+        except BatchError as exc:
+            p.append(str(exc))
     return p
 
 

@@ -23,7 +23,7 @@ import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -64,6 +64,15 @@ class Progress:
     last_eval_loss: Optional[float] = None
     last_eval_step: int = -1
     stopped_early: bool = False
+    best_save_pending: bool = False  # preempted between a new best evaluation and its weights save
+
+
+class _Preempted(Exception):
+    """The ranks agreed to stop; ``rng_state`` is what the checkpoint must hold for an exact resume."""
+
+    def __init__(self, rng_state: dict):
+        super().__init__("preempted")
+        self.rng_state = rng_state
 
 
 @dataclass
@@ -96,9 +105,10 @@ class Driver:
         pad_id = ctx.tokenizer.pad_token_id if ctx.tokenizer.pad_token_id is not None else 0
         pad_to = ctx.manifest["seq_len"] if t.pad_to == "seq_len" else None
         self.collator = Collator(pad_id, pad_to)
+        # Every rank opens the whole training split: the order is global, each step deals out its share.
         self.train_data = TrainBatches(
-            RankSequences.open(ctx.data_dir, ctx.manifest, "train", self.rank, self.world_size), self.collator,
-            t.micro_batch_size, t.gradient_accumulation_steps, t.seed, self.rank)
+            RankSequences.open(ctx.data_dir, ctx.manifest, "train", rank=0, world_size=1), self.collator,
+            t.micro_batch_size, t.gradient_accumulation_steps, self.world_size, self.rank, t.seed)
         self.eval_micro = e.micro_batch_size or t.micro_batch_size
         self.total_steps = total_steps
         self.progress = Progress()
@@ -115,34 +125,61 @@ class Driver:
         self.preempt.install()
         self._maybe_resume()
         self.engine.train()
-        while self.progress.step < self.total_steps and not self.progress.stopped_early:
-            t0 = time.perf_counter()
-            self._beat("data")
-            # A loop's prepare_batch may draw random numbers: a preemption save must hold the RNG states
-            # from before it, or the resumed step would draw differently.
-            rng_before_step = ckpt.capture_rng_state()
-            batches = [self.loop.prepare_batch(b) for b in
-                       self.train_data.step_batches(self.progress.epoch, self.progress.step_in_epoch)]
-            data_wait = time.perf_counter() - t0
-            counts = [self.loop.count_tokens(b) for b in batches]
-            real = sum(int(b["attention_mask"].sum()) for b in batches)
-            flops = sum(self._useful_flops(b) for b in batches)
-            global_count, global_real, global_flops, preempted = self._reduce_step_start(
-                float(sum(counts)), float(real), flops)
-            if preempted:
-                # From here on further signals are ignored, also during interpreter shutdown (which would
-                # restore the default, deadly action for a Python handler).
-                self.preempt.ignore_further()
-                if self._saved_step != self.progress.step:
-                    self._save(rng_state=rng_before_step)
-                self.ctx.logger.line(f"preempted at step {self.progress.step}: checkpoint saved, "
-                                     f"exiting {PREEMPTED_EXIT_CODE}")
-                return PREEMPTED_EXIT_CODE
-            self._train_step(batches, counts, global_count, (global_real, global_flops), t0, data_wait)
-            self._after_step()
-        self._finish()
+        try:
+            self._finish_interrupted_work()
+            while self.progress.step < self.total_steps and not self.progress.stopped_early:
+                self._step()
+            self._finish()
+        except _Preempted as stop:
+            return self._stop_preempted(stop.rng_state)
         self.preempt.uninstall()
         return 0
+
+    def _step(self) -> None:
+        """One optimizer step: fetch, agree on counts and preemption, train, then evaluate/save when due."""
+        t0 = time.perf_counter()
+        self._beat("data")
+        # A loop's prepare_batch may draw random numbers: a preemption save must hold the RNG states
+        # from before it, or the resumed step would draw differently.
+        rng_before_step = ckpt.capture_rng_state()
+        batches = [self.loop.prepare_batch(b) for b in
+                   self.train_data.step_batches(self.progress.epoch, self.progress.step_in_epoch)]
+        data_wait = time.perf_counter() - t0
+        counts = [self.loop.count_tokens(b) for b in batches]
+        real = sum(int(b["attention_mask"].sum()) for b in batches)
+        flops = sum(self._useful_flops(b) for b in batches)
+        global_count, global_real, global_flops, preempted = self._reduce_step_start(
+            float(sum(counts)), float(real), flops)
+        if preempted:
+            raise _Preempted(rng_before_step)
+        self._train_step(batches, counts, global_count, (global_real, global_flops), t0, data_wait)
+        self._after_step()
+
+    def _stop_preempted(self, rng_state: dict) -> int:
+        """Save the current step (unless saved) with ``rng_state`` and return PREEMPTED_EXIT_CODE."""
+        # From here on further signals are ignored, also during interpreter shutdown (which would
+        # restore the default, deadly action for a Python handler).
+        self.preempt.ignore_further()
+        if self._saved_step != self.progress.step:
+            self._save(rng_state=rng_state)
+        self.ctx.logger.line(f"preempted at step {self.progress.step}: checkpoint saved, "
+                             f"exiting {PREEMPTED_EXIT_CODE}")
+        return PREEMPTED_EXIT_CODE
+
+    def _any_rank_preempted(self) -> bool:
+        """Whether any rank got a preemption signal (a collective: every rank must ask at the same point)."""
+        return self._all_sum([1.0 if self.preempt.requested else 0.0])[0] > 0
+
+    def _finish_interrupted_work(self) -> None:
+        """After a resume: the evaluation a preemption cut short, and the best-weights save it put off."""
+        p, e = self.progress, self.ctx.eval
+        if p.step and p.last_eval_step != p.step and e.every_steps and p.step % e.every_steps == 0 \
+                and p.step < self.total_steps:
+            self._evaluate_and_track(ckpt.capture_rng_state())
+            if p.stopped_early and self._saved_step != p.step:
+                self._save()
+        if p.best_save_pending:
+            self._save_best()
 
     def _train_step(self, batches: list[dict], counts: list[int], global_count: float,
                     global_work: tuple[float, float], t0: float, data_wait: float) -> None:
@@ -221,7 +258,9 @@ class Driver:
         if evaluates or periodic_save:
             self._settle_pending()  # nothing is evaluated or saved before its loss/count check
         if evaluates:
-            self._evaluate_and_track()  # may set stopped_early (after an evaluation: already settled)
+            # may set stopped_early (after an evaluation: already settled); a preemption inside it saves the
+            # RNG states from before it, so the resumed run repeats the same evaluation
+            self._evaluate_and_track(ckpt.capture_rng_state())
         if (final or p.stopped_early or periodic_save) and self._saved_step != p.step:
             self._save()
 
@@ -229,7 +268,7 @@ class Driver:
         self._settle_pending()
         p = self.progress
         if p.last_eval_step != p.step:
-            self._evaluate_and_track()
+            self._evaluate_and_track(ckpt.capture_rng_state())
         if self._saved_step != p.step:
             self._save()
         test_loss, tested_tag = self._test()
@@ -238,24 +277,40 @@ class Driver:
 
     # ------------------------------------------------------------------ evaluation
 
-    def _evaluate(self, split: str) -> Optional[float]:
-        """Mean loss over ``split`` on all ranks (None when the split is empty)."""
+    def _evaluate(self, split: str, rng_state: dict) -> Optional[float]:
+        """Mean loss over ``split`` on all ranks (None when the split is empty). Raises _Preempted (carrying
+        ``rng_state``) as soon as any rank is asked to stop, checked before every batch."""
         seqs = RankSequences.open(self.ctx.data_dir, self.ctx.manifest, split, self.rank, self.world_size)
         if len(seqs) == 0:
             return None
         self._beat("eval", step=self.progress.step)
         self.engine.eval()
+        interrupted = []
         try:
-            loss_sum, tokens = self.loop.evaluate(
-                self.engine, eval_batches(seqs, self.collator, self.eval_micro, self.ctx.eval.max_batches))
+            loss_sum, tokens = self.loop.evaluate(self.engine, self._until_preempted(
+                eval_batches(seqs, self.collator, self.eval_micro, self.ctx.eval.max_batches), interrupted))
         finally:
             self.engine.train()
+        if interrupted:
+            raise _Preempted(rng_state)
         total_loss, total_tokens = self._all_sum([float(loss_sum), float(tokens)])
         return total_loss / total_tokens if total_tokens else None
 
-    def _evaluate_and_track(self) -> None:
+    def _until_preempted(self, batches: Iterator[dict], interrupted: list) -> Iterator[dict]:
+        """``batches`` until the ranks agree one was asked to stop (then ``interrupted`` gets an entry).
+
+        One 8-byte all-reduce per evaluation batch, so every rank stops before the same batch (ZeRO-3's
+        forward gathers parameters from all ranks); a stop waits for one batch at most.
+        """
+        for batch in batches:
+            if self._any_rank_preempted():
+                interrupted.append(True)
+                return
+            yield batch
+
+    def _evaluate_and_track(self, rng_state: dict) -> None:
         p, e = self.progress, self.ctx.eval
-        loss = self._evaluate("validation")
+        loss = self._evaluate("validation", rng_state)
         p.last_eval_step, p.last_eval_loss = p.step, loss
         if loss is None:
             return
@@ -265,6 +320,9 @@ class Driver:
             p.best_eval_loss, p.evals_without_improvement = loss, 0
             p.best_tag = ckpt.tag_for_step(p.step)
             if self.ctx.checkpoint.keep_best:
+                if self._any_rank_preempted():  # the full checkpoint first; the resumed run saves the best
+                    p.best_save_pending = True
+                    raise _Preempted(rng_state)
                 self._save_best()
         else:
             p.evals_without_improvement += 1
@@ -283,7 +341,7 @@ class Driver:
             # Weights only, no optimizer state: training is over.
             best_weights.load_best_weights(self.engine.module, best, self.rank)
             tag = p.best_tag
-        loss = self._evaluate("test")
+        loss = self._evaluate("test", ckpt.capture_rng_state())
         if loss is not None:
             self.ctx.logger.scalars(p.step, {"test/loss": loss, "test/perplexity": perplexity(loss)}, kind="test")
             self.ctx.logger.line(f"test loss {loss:.4f} | ppl {perplexity(loss):.2f} (weights of {tag})")
@@ -295,6 +353,7 @@ class Driver:
         """Save a complete checkpoint for the current step on all ranks (a collective); ``rng_state`` (from
         ckpt.capture_rng_state) replaces the current RNG states in it."""
         p = self.progress
+        started = time.perf_counter()
         self._beat("save", step=p.step)
         tag = ckpt.tag_for_step(p.step)
         folder = self.root / tag
@@ -305,6 +364,8 @@ class Driver:
                  "step_in_epoch": p.step_in_epoch}, "world_size": self.world_size,
                  "config_hash": self.ctx.config_hash, "manifest_cache_key": self.ctx.manifest.get("cache_key"),
                  "eval_loss": p.last_eval_loss if p.last_eval_step == p.step else None, "progress": asdict(p),
+                 "global_batch_size": self.train_data.global_batch_size,
+                 "sequences_consumed_in_epoch": p.step_in_epoch * self.train_data.global_batch_size,
                  "optimizer_param_groups": len(self.engine.optimizer.param_groups),
                  "weight_decay": self.ctx.train.weight_decay}
         self.engine.save_checkpoint(str(self.root), tag=tag, client_state={"zerotune": state}, save_latest=False)
@@ -321,14 +382,16 @@ class Driver:
         if self.rank == 0:
             ckpt.mark_complete(folder)
             ckpt.write_pointer(self.root, "latest", tag)
+            ckpt.record_save_time(self.root, tag, time.perf_counter() - started)
             ckpt.prune(self.root, self.ctx.checkpoint.keep_last, set())
         dist.barrier()
         self._saved_step = p.step
-        self.ctx.logger.line(f"step {p.step:>6} | saved checkpoint {tag}")
+        self.ctx.logger.line(f"step {p.step:>6} | saved checkpoint {tag} in {time.perf_counter() - started:.1f} s")
 
     def _save_best(self) -> None:
         """Save the new best evaluation's weights only (a collective); full checkpoints keep their cadence."""
         p = self.progress
+        p.best_save_pending = False
         best_weights.save_best_weights(self.engine.module, self.root, p.best_tag,
                                        {"step": p.step, "eval_loss": p.best_eval_loss}, self.probe_ids, self.rank)
         self.ctx.logger.line(f"step {p.step:>6} | saved best weights {p.best_tag}")
@@ -343,22 +406,55 @@ class Driver:
             return
         state = json.loads((self.root / tag / ckpt.STATE_FILE).read_text(encoding="utf-8"))
         self._check_resumable(tag, state)
-        load_path, _ = self.engine.load_checkpoint(str(self.root), tag=tag)
+        saved_world = state["world_size"]
+        load_tag = tag if saved_world == self.world_size else self._universal_tag(tag, saved_world)
+        load_path, _ = self.engine.load_checkpoint(str(self.root), tag=load_tag)
         if load_path is None:
-            raise ckpt.ResumeError(f"DeepSpeed could not load {self.root / tag}; delete that folder to resume "
-                                   f"from an older checkpoint")
+            raise ckpt.ResumeError(f"DeepSpeed could not load {self.root / load_tag}; delete that folder to "
+                                   f"resume from an older checkpoint")
         reapply_optimizer_settings(self.engine.optimizer, self.engine.lr_scheduler, self.ctx.train)
-        ckpt.load_rng_state(self.root / tag / f"rng-rank{self.rank}.safetensors")
+        # Ranks beyond the saved ones take a saved rank's RNG state (every rank's is the same unless a loop
+        # draws rank-dependent numbers).
+        ckpt.load_rng_state(self.root / tag / f"rng-rank{self.rank % saved_world}.safetensors")
         self.progress = Progress(**state["progress"])
         self._saved_step = self.progress.step
-        self.ctx.logger.line(f"resumed from {tag} (step {self.progress.step}, epoch {self.progress.epoch})")
+        if saved_world == self.world_size:
+            self.ctx.logger.line(f"resumed from {tag} (step {self.progress.step}, epoch {self.progress.epoch})")
+        else:
+            t = self.train_data
+            self.ctx.logger.line(
+                f"resumed from {tag} (step {self.progress.step}, epoch {self.progress.epoch}) saved on "
+                f"{saved_world} ranks, now {self.world_size}: loaded its universal form {load_tag} (optimizer "
+                f"state, LR schedule, data position kept); global batch {t.global_batch_size} = micro "
+                f"{t.micro_batch_size} x accumulation {t.accumulation} x {self.world_size} ranks")
+
+    def _universal_tag(self, tag: str, saved_world: int) -> str:
+        """Convert ``tag`` to DeepSpeed's universal form (rank 0, once; every rank learns the outcome) and
+        have the engine load that form."""
+        error = None
+        if self.rank == 0:
+            try:
+                ckpt.convert_to_universal(self.root, tag, saved_world)
+            except ckpt.ResumeError as exc:
+                error = str(exc)
+        outcome = [error]
+        dist.broadcast_object_list(outcome, src=0)
+        if outcome[0] is not None:
+            raise ckpt.ResumeError(outcome[0])
+        # DeepSpeed reads its checkpoint.load_universal setting when loading, from the engine's config.
+        self.engine._config.load_universal_checkpoint = True
+        return ckpt.universal_folder(self.root, tag).name
 
     def _check_resumable(self, tag: str, state: dict) -> None:
-        if state["world_size"] != self.world_size:
+        saved_batch, batch = state.get("global_batch_size"), self.train_data.global_batch_size
+        if state["world_size"] != self.world_size and saved_batch != batch:
+            # The data position counts whole global batches: another size would skip or repeat sequences.
             raise ckpt.ResumeError(
-                f"{self.root / tag} was saved with {state['world_size']} data-parallel ranks but this run has "
-                f"{self.world_size}; resume with {state['world_size']} ranks, or start a new output_dir "
-                f"(ZeRO's partitioned optimizer state is tied to the world size)")
+                f"{self.root / tag} was saved on {state['world_size']} data-parallel ranks with global batch "
+                f"{saved_batch}, but this run has {self.world_size} ranks x micro "
+                f"{self.train_data.micro_batch_size} x accumulation {self.train_data.accumulation} = {batch}; "
+                f"set train.global_batch_size: {saved_batch} (micro-batch and accumulation then adapt), or "
+                f"start a new output_dir")
         saved_groups = state.get("optimizer_param_groups")  # absent before it was recorded: built to match
         groups = len(self.engine.optimizer.param_groups)
         if saved_groups is not None and saved_groups != groups:  # one group saved (weight decay 0), and weight decay is set now

@@ -24,6 +24,7 @@ from training import remove_allreduce_buffers  # noqa: E402
 from training.config import ConfigError, RunConfig, load_config, save_config  # noqa: E402
 from training.data import DataError  # noqa: E402
 from training.preflight import PreflightError  # noqa: E402
+from training.steps import resolved_train  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,6 +48,9 @@ def validate_inputs(cfg: RunConfig, world_size: int):
     from training.loops import get_loop
 
     cfg.validate(world_size=world_size)
+    # Micro-batch and accumulation for this world size (train.global_batch_size fixed); everything after
+    # this (DeepSpeed's config, the driver, the saved config.yaml) sees the resolved values.
+    cfg.train = resolved_train(cfg.train, world_size)
     manifest = load_manifest(cfg.data.output_dir)
     # Sizes and headers only (the full checksums are `zerotune launch`'s): a truncated or swapped shard is
     # one error on every rank here, not a memmap traceback on one rank and a dead peer on the others.
@@ -178,18 +182,16 @@ def build_driver(cfg: RunConfig, manifest: dict, tokenizer):
 
 
 def _total_steps(cfg: RunConfig, manifest: dict, world_size: int) -> int:
-    """Optimizer steps of the run (for the LR schedule): train.max_steps, or epochs x steps per epoch."""
-    from training.data import assign_sequences
+    """Optimizer steps of the run (for the LR schedule), from training.steps.plan_steps."""
+    from training.steps import plan_steps, train_sequences
 
-    per_rank = sum(hi - lo for _, lo, hi in assign_sequences(manifest, "train", world_size)[0])
-    per_step = cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps
-    steps_per_epoch = per_rank // per_step
-    if steps_per_epoch < 1:
-        raise DataError(f"{cfg.data.output_dir}: {per_rank} training sequences per rank is less than one "
-                        f"optimizer step (train.micro_batch_size {cfg.train.micro_batch_size} x "
-                        f"train.gradient_accumulation_steps {cfg.train.gradient_accumulation_steps} = {per_step}); "
-                        f"use more data or smaller batches")
-    return cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+    plan = plan_steps(cfg.train, train_sequences(manifest), world_size)
+    if plan.steps_per_epoch < 1:
+        raise DataError(f"{cfg.data.output_dir}: {plan.train_sequences} training sequences is less than one "
+                        f"optimizer step (train.micro_batch_size {plan.micro_batch_size} x "
+                        f"train.gradient_accumulation_steps {plan.gradient_accumulation_steps} x data-parallel "
+                        f"{world_size} = {plan.global_batch_size}); use more data or smaller batches")
+    return plan.total_steps
 
 
 def model_shape(model) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 
 import pytest
 import yaml
@@ -54,9 +55,10 @@ def test_dry_run_writes_the_run_dir_and_starts_nothing(make_run, capsys):
     ds = json.loads((run_dir / "ds_config.json").read_text())
     assert ds["train_batch_size"] == 2 * 1 * 2 and ds["zero_optimization"]["stage"] == 3
     assignment = json.loads((run_dir / "assignment.json").read_text())
-    train = assignment["splits"]["train"]
-    assert assignment["world_size"] == 2 and len(train["ranges"]) == 2
-    assert train["sequences_per_rank"][0] == train["sequences_per_rank"][1] > 0
+    train, validation = assignment["splits"]["train"], assignment["splits"]["validation"]
+    assert assignment["world_size"] == 2 and train["order"].startswith("global")
+    assert train["global_batch_size"] == 4 and train["sequences_per_rank_per_step"] == 2
+    assert len(validation["ranges"]) == 2 and validation["sequences_per_rank"][0] == validation["sequences_per_rank"][1] > 0
     assert not (run_dir / "metrics.jsonl").exists() and not (run_dir / "checkpoints").exists()
 
 
@@ -66,18 +68,24 @@ def test_every_rank_gets_the_same_number_of_sequences(make_run, prepared_data, c
     for world in (1, 3, 4):
         assert main(["launch", str(run_yaml), "--num-gpus", str(world), "--dry-run"]) == 0
         assignment = json.loads((run_yaml.parent / "out" / "assignment.json").read_text())
-        per_rank = assignment["splits"]["train"]["sequences_per_rank"]
+        per_rank = assignment["splits"]["validation"]["sequences_per_rank"]
         assert len(per_rank) == world and len(set(per_rank)) == 1
-        assert per_rank[0] * world >= manifest["splits"]["train"]["sequences"]
+        assert per_rank[0] * world >= manifest["splits"]["validation"]["sequences"]
+        assert assignment["splits"]["train"]["sequences_per_rank_per_step"] * world == \
+            assignment["splits"]["train"]["global_batch_size"]
     capsys.readouterr()
 
 
-def test_batch_mismatch_fails_before_anything_is_written(make_run, capsys):
+def test_global_batch_adapts_to_the_ranks_or_fails_before_anything_is_written(make_run, capsys):
     run_yaml = make_run(train={"global_batch_size": 16})
-    assert main(["launch", str(run_yaml), "--num-gpus", "2", "--dry-run"]) == 2
+    assert main(["launch", str(run_yaml), "--num-gpus", "2", "--dry-run"]) == 0
+    assert "batch: micro 2 x accumulation 4 x 2 ranks" in capsys.readouterr().out
+    ds_config = json.loads((run_yaml.parent / "out" / "ds_config.json").read_text())
+    assert ds_config["gradient_accumulation_steps"] == 4 and ds_config["train_batch_size"] == 16
+    shutil.rmtree(run_yaml.parent / "out")
+    assert main(["launch", str(run_yaml), "--num-gpus", "3", "--dry-run"]) == 2
     err = capsys.readouterr().err
-    assert "train.global_batch_size 16 != train.micro_batch_size 2 x train.gradient_accumulation_steps 1 x " \
-           "data-parallel 2 = 4" in err
+    assert "train.global_batch_size 16 cannot be split over 3 data-parallel ranks (16 / 3 = 5.33333" in err
     assert not (run_yaml.parent / "out").exists()
 
 

@@ -65,3 +65,41 @@ def test_template_is_valid_bash(tmp_path):
 def test_task_argv_appends_local_rank():
     assert task_argv(["t.py", "--config", "c.yaml"], {"LOCAL_RANK": "3"}, python="py") == [
         "py", "t.py", "--config", "c.yaml", "--local_rank=3"]
+
+
+def test_cpus_and_memory_are_requested_explicitly(tmp_path):
+    text = render(JobSpec(nodes=2, gpus_per_node=4, time="01:00:00", cpus_per_task=12, mem="500G", exclusive=True),
+                  "c.yaml", tmp_path)
+    lines = _sbatch_lines(text)
+    assert "#SBATCH --cpus-per-task=12" in lines and "#SBATCH --mem=500G" in lines and "#SBATCH --exclusive" in lines
+    assert "--cpus-per-task=12" in text.split("\nsrun ", 1)[1].split("&\n", 1)[0]  # srun does not inherit it
+    default = _sbatch_lines(render(JobSpec(nodes=1, gpus_per_node=1, time="01:00:00"), "c.yaml", tmp_path))
+    assert "#SBATCH --cpus-per-task=8" in default and "#SBATCH --mem=0" in default
+    assert "#SBATCH --exclusive" not in default
+    with pytest.raises(SlurmError, match="--cpus-per-task 0"):
+        render(JobSpec(nodes=1, gpus_per_node=1, time="01:00:00", cpus_per_task=0), "c.yaml", tmp_path)
+
+
+def test_warn_seconds_default_comes_from_the_checkpoint_estimate_and_a_short_one_is_flagged(tmp_path, capsys,
+                                                                                          tiny_model_dir):
+    from launcher.plan import checkpoint_estimate
+    from launcher.slurm import warn_seconds_for
+    from launcher.slurm_cli import check_warn_seconds
+    from training.checkpoint import checkpoint_root, record_save_time
+    from training.config import config_from_dict
+
+    assert checkpoint_estimate(70_000_000_000, "bf16", 8)["estimated_save_seconds"] == \
+        pytest.approx(14 * 70e9 / 1024**3 / 8, abs=0.1)
+    cfg = config_from_dict({"output_dir": str(tmp_path / "run"), "model": {"name_or_path": str(tiny_model_dir)},
+                            "data": {"sources": ["x.csv"]}})
+    assert check_warn_seconds(cfg, None, nodes=1) == 300  # a tiny model saves in well under 300 s
+    assert "from the plan's checkpoint estimate" in capsys.readouterr().out
+    root = checkpoint_root(cfg.output_dir)
+    root.mkdir(parents=True)
+    record_save_time(root, "step-00000010", 400.0)
+    assert check_warn_seconds(cfg, 300, nodes=1) == 300
+    out = capsys.readouterr().out
+    assert "shorter than the last measured checkpoint save (400.0 s for step-00000010)" in out
+    assert f"use --warn-seconds {warn_seconds_for(400.0)} or more" in out and warn_seconds_for(400.0) == 660
+    check_warn_seconds(cfg, 700, nodes=1)
+    assert "warning" not in capsys.readouterr().out

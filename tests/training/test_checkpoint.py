@@ -8,6 +8,7 @@ import random
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from training import checkpoint as ckpt
@@ -124,3 +125,36 @@ def test_complete_marker_written_only_after_every_file_and_the_folder_are_flushe
                              "step-00000001/sub", "step-00000001"}
     after_marker = [path for path, marker_exists in calls if marker_exists]
     assert after_marker == ["step-00000001/COMPLETE", "step-00000001"], "the marker itself must be flushed"
+
+
+def test_prune_takes_a_checkpoints_universal_form_with_it(tmp_path):
+    tags = [_make(tmp_path, s) for s in (1, 2, 3)]
+    for tag in tags:
+        ckpt.universal_folder(tmp_path, tag).mkdir()
+    ckpt.prune(tmp_path, keep_last=1, keep_tags=set())
+    assert sorted(p.name for p in tmp_path.iterdir()) == [tags[2], f"{tags[2]}-universal"]
+
+
+def test_a_folder_deepspeed_cannot_convert_is_one_error_naming_it_and_leaves_nothing(tmp_path):
+    tag = _make(tmp_path, 4)  # complete by our markers, but no DeepSpeed files in it
+    with pytest.raises(ckpt.ResumeError) as err:
+        ckpt.convert_to_universal(tmp_path, tag, saved_world_size=2)
+    text = str(err.value)
+    assert str(tmp_path / tag) in text and "resume with 2 data-parallel ranks" in text
+    assert not ckpt.universal_folder(tmp_path, tag).exists()
+    assert not (tmp_path / ckpt.UNIVERSAL_STAGING).exists()
+
+
+def test_a_finished_universal_form_is_reused(tmp_path):
+    tag = _make(tmp_path, 4)
+    done = ckpt.universal_folder(tmp_path, tag)
+    done.mkdir()
+    (done / ckpt.COMPLETE_MARKER).touch()
+    assert ckpt.convert_to_universal(tmp_path, tag, saved_world_size=2) == done  # no conversion attempted
+
+
+def test_save_times_record_the_last_save(tmp_path):
+    assert ckpt.last_save_time(tmp_path) is None
+    ckpt.record_save_time(tmp_path, "step-00000002", 1.25)
+    ckpt.record_save_time(tmp_path, "step-00000004", 3.5)
+    assert ckpt.last_save_time(tmp_path) == ("step-00000004", 3.5)

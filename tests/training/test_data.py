@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from training.data import Collator, RankSequences, TrainBatches, assign_sequences, epoch_order, eval_batches
+from training.data import (Collator, RankSequences, TrainBatches, assign_sequences, deal_step, epoch_order,
+                           eval_batches)
 
 
 def _manifest(counts: list[int], split: str = "train") -> dict:
@@ -38,12 +39,12 @@ def test_assign_sequences_is_deterministic_and_contiguous():
     assert assign_sequences(m, "validation", 2) == [[], []]
 
 
-def test_epoch_order_depends_on_seed_epoch_rank_only():
-    a = epoch_order(50, seed=1, epoch=0, rank=0)
-    assert sorted(a) == list(range(50))
-    assert np.array_equal(a, epoch_order(50, seed=1, epoch=0, rank=0))
-    assert not np.array_equal(a, epoch_order(50, seed=1, epoch=1, rank=0))
-    assert not np.array_equal(a, epoch_order(50, seed=2, epoch=0, rank=0))
+def test_epoch_order_depends_on_seed_and_epoch_only():
+    a = epoch_order(50, seed=1, epoch=0)
+    assert sorted(a.tolist()) == list(range(50))
+    assert np.array_equal(a, epoch_order(50, seed=1, epoch=0))
+    assert not np.array_equal(a, epoch_order(50, seed=1, epoch=1))
+    assert not np.array_equal(a, epoch_order(50, seed=2, epoch=0))
 
 
 def _seq(ids, labels, pos):
@@ -65,13 +66,24 @@ def test_collator_pads_to_batch_max_or_fixed_length():
 
 
 class _FakeSequences(RankSequences):
+    """Sequence j holds tokens [j + 10] * (length(j) + 1), the first unsupervised; lengths from ``lengths``
+    (default: 1 supervised token each)."""
+
+    lengths: list[int] | None = None
+
     def get(self, j):
-        return _seq([j + 10, j + 20], [-100, j + 20], [0, 1])
+        n = 1 if self.lengths is None else self.lengths[j]
+        return _seq([j + 10] * (n + 1), [-100] + [j + 20] * n, list(range(n + 1)))
+
+    def supervised_tokens(self, j):
+        return 1 if self.lengths is None else self.lengths[j]
 
 
-def _fake(n, first_repeat=None):
-    return _FakeSequences(data_dir=None, split="train", ranges=[("s", 0, n)],
+def _fake(n, first_repeat=None, lengths=None):
+    seqs = _FakeSequences(data_dir=None, split="train", ranges=[("s", 0, n)],
                           first_repeat=n if first_repeat is None else first_repeat)
+    seqs.lengths = lengths
+    return seqs
 
 
 def test_rank_sequences_locate_and_repeats():
@@ -86,13 +98,48 @@ def test_rank_sequences_locate_and_repeats():
 
 
 def test_train_batches_jump_to_a_position_without_replay():
-    batches = TrainBatches(_fake(13), Collator(0), micro_batch_size=2, accumulation=3, seed=0, rank=0)
+    batches = TrainBatches(_fake(13), Collator(0), micro_batch_size=2, accumulation=3, world_size=1, rank=0,
+                           seed=0)
     assert batches.steps_per_epoch == 2  # 13 // 6; the partial step is dropped
-    order = epoch_order(13, 0, 1, 0)
+    order = epoch_order(13, 0, 1)
     step = batches.step_batches(epoch=1, step_in_epoch=1)
     assert len(step) == 3
     got = [int(x) - 10 for b in step for x in b["input_ids"][:, 0]]
-    assert got == [int(j) for j in order[6:12]]
+    assert got == [int(j) for j in order[6:12]]  # equal token counts: dealt in order
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 6])
+def test_a_step_takes_the_same_sequences_on_every_world_size(world):
+    """The global order: step s of an epoch is sequences [s * G, (s + 1) * G) of the epoch's permutation,
+    whatever the world size; ranks share them out exactly, each with micro x accumulation of them."""
+    lengths = [(7 * j) % 23 + 1 for j in range(40)]
+    per_rank = 12 // world
+    micro = 2 if per_rank % 2 == 0 else 1
+    ranks = [TrainBatches(_fake(40, lengths=lengths), Collator(0), micro, per_rank // micro, world, r, seed=3)
+             for r in range(world)]
+    assert {b.global_batch_size for b in ranks} == {12} and ranks[0].steps_per_epoch == 3
+    for epoch, step in ((0, 0), (1, 2)):
+        shares = [[int(x) - 10 for mb in b.step_batches(epoch, step) for x in mb["input_ids"][:, 0]]
+                  for b in ranks]
+        assert [len(s) for s in shares] == [per_rank] * world
+        expected = epoch_order(40, 3, epoch)[step * 12:(step + 1) * 12]
+        assert sorted(j for s in shares for j in s) == sorted(expected.tolist())
+        supervised = [sum(lengths[j] for j in s) for s in shares]
+        assert max(supervised) - min(supervised) <= max(lengths)
+
+
+def test_deal_step_balances_tokens_where_blocks_do_not():
+    """Token counts sorted the way packed bins come out (longest first): contiguous blocks give the first
+    rank all the large ones; dealing largest-first to the emptiest rank evens them out."""
+    lengths = sorted(((j * 37) % 200 + 50 for j in range(64)), reverse=True)
+    dealt = deal_step(lengths, 4)
+    assert sorted(i for r in dealt for i in r) == list(range(64)) and {len(r) for r in dealt} == {16}
+    sums = [sum(lengths[i] for i in r) for r in dealt]
+    blocks = [sum(lengths[16 * r:16 * (r + 1)]) for r in range(4)]
+    assert max(sums) - min(sums) <= max(lengths)  # the greedy bound, far below the blocks' spread
+    assert max(blocks) / min(blocks) > 2 and max(sums) / min(sums) < 1.02
+    with pytest.raises(ValueError, match="cannot be dealt equally"):
+        deal_step(lengths[:10], 4)
 
 
 def test_eval_batches_give_repeats_no_labels_and_respect_max_batches():
