@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from data_prep.pack import assign_to_shards, no_packing, pack_best_fit, packing_efficiency
+from data_prep.pack import (RoomIndex, assign_to_shards, no_packing, pack_best_fit, pack_best_fit_scan,
+                            packing_efficiency)
 
 
 def _check_bins(bins, lengths, seq_len):
@@ -45,3 +46,40 @@ def test_no_packing_and_shards():
     assert assign_to_shards(1, 4) == [[0]]
     assert assign_to_shards(0, 4) == []
     assert packing_efficiency(0, 0, 10) == 0.0
+
+
+@pytest.mark.parametrize("dist", ["uniform", "lognormal", "short", "bimodal"])
+@pytest.mark.parametrize("seq_len", [64, 512, 4097, 32768])
+def test_fast_packer_matches_the_reference(dist, seq_len):
+    # Same decisions as the counter scan (identical bins), hence the same efficiency; the bar is
+    # new >= reference - 0.002, equality is the stronger claim.
+    rng = np.random.default_rng(seq_len)
+    n = 3000
+    lengths = {"uniform": rng.integers(1, seq_len + 1, n),
+               "lognormal": np.clip(rng.lognormal(np.log(seq_len / 8), 1.0, n), 1, seq_len),
+               "short": rng.integers(1, max(2, seq_len // 50), n),
+               "bimodal": np.where(rng.random(n) < 0.5, rng.integers(1, seq_len // 10 + 2, n),
+                                   rng.integers(seq_len // 2, seq_len + 1, n))}[dist].astype(np.int64)
+    fast, slow = pack_best_fit(lengths, seq_len), pack_best_fit_scan(lengths, seq_len)
+    _check_bins(fast, lengths, seq_len)
+    assert fast == slow
+    total = int(lengths.sum())
+    assert packing_efficiency(total, len(fast), seq_len) >= packing_efficiency(total, len(slow), seq_len) - 0.002
+
+
+def test_room_index_finds_the_smallest_member_at_least():
+    rng = np.random.default_rng(1)
+    size = 70_000  # three levels of words
+    index, present = RoomIndex(size), set()
+    for _ in range(4000):
+        pos = int(rng.integers(0, size))
+        if pos in present and rng.random() < 0.6:
+            index.discard(pos)
+            present.discard(pos)
+        else:
+            index.add(pos)
+            present.add(pos)
+        query = int(rng.integers(0, size))
+        above = [p for p in present if p >= query]
+        assert index.first_at_least(query) == (min(above) if above else None)
+    assert index.first_at_least(size) is None
