@@ -9,6 +9,10 @@ is free of risk: a later read of the same rows faults them in again from the pag
 byte for byte the same. :class:`PageReleaser` does that for the read-only mappings under prep's work
 folder after every batch a stage reads, so resident memory holds one batch of rows per stage rather than
 the data set. Mappings that can be written, and every file outside that folder, are never touched.
+
+The same call also returns freed heap memory to the system (glibc's ``malloc_trim`` and Arrow's pool):
+the Python strings and lists of each batch are freed, but the allocators kept the pages, ~30 MB more per
+70,000 rows, which a profile of a 200x run showed as the rest of the growth (live data stayed flat).
 """
 
 from __future__ import annotations
@@ -26,9 +30,14 @@ _MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", 4)
 
 
 @functools.cache
-def _madvise():
+def _libc():
     # Looked up once per process: find_library runs ldconfig.
-    lib = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    return ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+
+
+@functools.cache
+def _madvise():
+    lib = _libc()
     lib.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
     return lib.madvise
 
@@ -44,8 +53,9 @@ def read_only_mappings(roots: tuple[str, ...], maps_text: str) -> list[tuple[int
 
 
 class PageReleaser:
-    """Calling it releases the resident pages of read-only mappings of files under ``roots`` (folders;
-    picklable, so datasets' worker processes release their own). A no-op where /proc is missing."""
+    """Calling it releases the resident pages of read-only mappings of files under ``roots`` (folders) and
+    the heap's free pages (picklable, so datasets' worker processes release their own). Linux only; a
+    no-op elsewhere."""
 
     def __init__(self, roots: list[Path]):
         self.roots = tuple(f"{Path(r).resolve()}/" for r in roots)
@@ -61,6 +71,17 @@ class PageReleaser:
         madvise = _madvise()
         for start, end in ranges:
             madvise(start, end - start, _MADV_DONTNEED)
+        release_free_heap()
+
+
+def release_free_heap() -> None:
+    """Hand the free pages of the C heap (glibc) and of Arrow's memory pool back to the system."""
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()
+    trim = getattr(_libc(), "malloc_trim", None)  # glibc only (musl has none)
+    if trim is not None:
+        trim(0)
 
 
 class Releasing:

@@ -10,13 +10,13 @@ import pytest
 from prep_data import write_jsonl
 
 import data_prep.pipeline as pipeline
-from data_prep.pages import PageReleaser, read_only_mappings
+from data_prep.pages import PageReleaser, read_only_mappings, release_free_heap
 from data_prep.pipeline import prepare
 
 
-def _rss_file_kib() -> int:
+def _rss_kib(kind: str = "RssFile") -> int:
     with open(f"/proc/{os.getpid()}/status", encoding="utf-8") as fh:
-        return next(int(line.split()[1]) for line in fh if line.startswith("RssFile:"))
+        return next(int(line.split()[1]) for line in fh if line.startswith(f"{kind}:"))
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="page release works through /proc (Linux)")
@@ -28,11 +28,25 @@ def test_released_pages_leave_resident_memory_and_read_back_the_same(tmp_path):
     source = pa.memory_map(str(tmp_path / "a.bin"), "r")
     view = np.frombuffer(source.read_buffer(), dtype=np.int32)
     assert int(view.sum(dtype=np.int64)) == int(data.sum(dtype=np.int64))  # every page read
-    before = _rss_file_kib()
+    before = _rss_kib()
     PageReleaser([tmp_path])()
-    after = _rss_file_kib()
+    after = _rss_kib()
     assert before - after > 48 * 1024, f"RssFile {before} KiB -> {after} KiB: the mapped pages stayed resident"
     assert np.array_equal(view, data)  # a released page reads back from the file
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads RssAnon from /proc (Linux)")
+def test_freed_heap_pages_go_back_to_the_system():
+    # 16 KiB blocks (malloc'd below the mmap threshold) each followed by a small survivor: once the blocks
+    # are freed, the survivors pin the heap, so free() gives nothing back until the heap is trimmed.
+    pairs = [(bytes([i % 251]) * 16384, bytes([i % 7]) * 600) for i in range(8000)]
+    survivors = [small for _, small in pairs]
+    del pairs
+    before = _rss_kib("RssAnon")
+    release_free_heap()
+    after = _rss_kib("RssAnon")
+    assert before - after > 40 * 1024, f"RssAnon {before} KiB -> {after} KiB: freed heap pages kept"
+    assert all(s == bytes([i % 7]) * 600 for i, s in enumerate(survivors))
 
 
 def test_only_read_only_mappings_under_the_roots_are_released():
