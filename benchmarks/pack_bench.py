@@ -36,6 +36,7 @@ def main() -> None:
     for name, fn in (("scan (before)", pack_best_fit_scan), ("room index (after)", pack_best_fit)):
         t0, c0 = time.perf_counter(), time.process_time()
         bins = fn(lengths, args.seq_len)
+        bins = bins.as_lists() if hasattr(bins, "as_lists") else bins
         seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         results[name] = (bins, seconds, cpu)
         print(f"{name:<20} {seconds:8.1f} s  {cpu:8.1f} CPU s  sequences {len(bins):,}  "

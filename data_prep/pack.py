@@ -10,6 +10,9 @@ seq_len + 1 counters per document took minutes.
 
 from __future__ import annotations
 
+from array import array
+from typing import NamedTuple
+
 import numpy as np
 
 _WORD_BITS = 64
@@ -71,7 +74,30 @@ class RoomIndex:
         return pos
 
 
-def pack_best_fit(lengths: np.ndarray, seq_len: int, desc: str | None = None) -> list[list[int]]:
+class Packing(NamedTuple):
+    """Sequences as arrays (8 bytes per document, no Python object per document): sequence ``j`` holds the
+    documents ``members[starts[j]:starts[j + 1]]``, in the order they were placed."""
+
+    members: np.ndarray
+    starts: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.starts) - 1
+
+    def as_lists(self) -> list[list[int]]:
+        """The sequences as lists of document indices."""
+        return [self.members[a:b].tolist() for a, b in zip(self.starts[:-1].tolist(), self.starts[1:].tolist())]
+
+    def take(self, sequences) -> tuple[np.ndarray, np.ndarray]:
+        """(documents of ``sequences`` one sequence after another, documents per sequence)."""
+        sequences = np.asarray(sequences, dtype=np.int64)
+        counts = self.starts[sequences + 1] - self.starts[sequences]
+        # Position of each output document in members: its sequence's start plus its rank inside it.
+        first = np.repeat(self.starts[sequences] - (np.cumsum(counts) - counts), counts)
+        return self.members[first + np.arange(int(counts.sum()), dtype=np.int64)], counts
+
+
+def pack_best_fit(lengths: np.ndarray, seq_len: int, desc: str | None = None) -> Packing:
     """Group document indices into sequences whose lengths sum to at most seq_len (BFD; deterministic).
 
     Among open sequences with the same room the one opened or filled last is taken. ``desc`` shows a
@@ -85,23 +111,27 @@ def pack_best_fit(lengths: np.ndarray, seq_len: int, desc: str | None = None) ->
     order = np.argsort(-lengths, kind="stable")
     rooms = RoomIndex(seq_len + 1)
     by_room: list[list[int]] = [[] for _ in range(seq_len + 1)]  # open sequences per remaining room
-    bins: list[list[int]] = []
-    for doc, need in tqdm(zip(order.tolist(), lengths[order].tolist()), total=len(order), desc=desc, unit="doc",
-                          disable=desc is None, leave=False, mininterval=1.0):
+    seq_of = array("q")  # the sequence of each document, in placement (order) order
+    n_seqs = 0
+    for need in tqdm(lengths[order].tolist(), desc=desc, unit="doc", disable=desc is None, leave=False,
+                     mininterval=1.0):
         room = rooms.first_at_least(need)
         if room is None:
-            room, b = seq_len, len(bins)
-            bins.append([])
+            room, b = seq_len, n_seqs
+            n_seqs += 1
         else:
             b = by_room[room].pop()
             if not by_room[room]:
                 rooms.discard(room)
-        bins[b].append(doc)
+        seq_of.append(b)
         left = room - need
         if left > 0:  # a full sequence never takes another document
             by_room[left].append(b)
             rooms.add(left)
-    return bins
+    seq_of_np = np.frombuffer(seq_of, dtype=np.int64) if len(seq_of) else np.zeros(0, dtype=np.int64)
+    members = order[np.argsort(seq_of_np, kind="stable")]  # stable: placement order inside a sequence
+    starts = np.concatenate([[0], np.cumsum(np.bincount(seq_of_np, minlength=n_seqs))]).astype(np.int64)
+    return Packing(members, starts)
 
 
 def pack_best_fit_scan(lengths: np.ndarray, seq_len: int) -> list[list[int]]:
@@ -130,9 +160,9 @@ def pack_best_fit_scan(lengths: np.ndarray, seq_len: int) -> list[list[int]]:
     return bins
 
 
-def no_packing(n_docs: int) -> list[list[int]]:
+def no_packing(n_docs: int) -> Packing:
     """One document per sequence, in order (data.packing: false)."""
-    return [[i] for i in range(n_docs)]
+    return Packing(np.arange(n_docs, dtype=np.int64), np.arange(n_docs + 1, dtype=np.int64))
 
 
 def packing_efficiency(total_tokens: int, n_sequences: int, seq_len: int) -> float:
@@ -140,8 +170,8 @@ def packing_efficiency(total_tokens: int, n_sequences: int, seq_len: int) -> flo
     return total_tokens / (n_sequences * seq_len) if n_sequences else 0.0
 
 
-def assign_to_shards(n_sequences: int, num_shards: int) -> list[list[int]]:
+def assign_to_shards(n_sequences: int, num_shards: int) -> list[range]:
     """Sequence indices per shard, round-robin, so shards get similar token counts; fewer shards than asked
     when there are fewer sequences, none when there are none."""
     count = min(num_shards, n_sequences)
-    return [list(range(s, n_sequences, count)) for s in range(count)]
+    return [range(s, n_sequences, count) for s in range(count)]

@@ -223,18 +223,19 @@ def _tokenize(cfg, docs, templater: Templater, sources, cache: Path, fingerprint
 def _write_split(cfg, tok, work: Path, split: str, doc_idx: np.ndarray, lengths: np.ndarray, release) -> dict:
     from tqdm.auto import tqdm
 
-    local = pack_best_fit(lengths[doc_idx], cfg.seq_len, desc=f"pack {split}") if cfg.packing else \
+    packing = pack_best_fit(lengths[doc_idx], cfg.seq_len, desc=f"pack {split}") if cfg.packing else \
         no_packing(len(doc_idx))
-    sequences = [[int(doc_idx[i]) for i in seq] for seq in local]
     shards = []
-    for s, members in enumerate(tqdm(assign_to_shards(len(sequences), cfg.num_shards), desc=f"write {split}",
+    for s, members in enumerate(tqdm(assign_to_shards(len(packing), cfg.num_shards), desc=f"write {split}",
                                      unit="shard", leave=False)):
-        shards.append(write_shard(tok, work, split, f"shard-{s:05d}", [sequences[i] for i in members], lengths,
-                                  release))
+        local, docs_per_seq = packing.take(members)
+        rows = doc_idx[local]  # rows of the tokenized dataset, sequence by sequence
+        seq_tokens = np.add.reduceat(lengths[rows], np.cumsum(docs_per_seq) - docs_per_seq)
+        shards.append(write_shard(tok, work, split, f"shard-{s:05d}", rows, seq_tokens, release))
     tokens = int(lengths[doc_idx].sum())
     return {"documents": int(len(doc_idx)), "tokens": tokens,
-            "supervised_tokens": sum(s["supervised_tokens"] for s in shards), "sequences": len(sequences),
-            "packing_efficiency": round(packing_efficiency(tokens, len(sequences), cfg.seq_len), 6), "shards": shards}
+            "supervised_tokens": sum(s["supervised_tokens"] for s in shards), "sequences": len(packing),
+            "packing_efficiency": round(packing_efficiency(tokens, len(packing), cfg.seq_len), 6), "shards": shards}
 
 
 def _build(cfg, tokenizer, model_ref: tuple, sources, key_parts, cache_key, work: Path) -> tuple[dict, dict]:

@@ -32,23 +32,22 @@ def _open_arrays(files: dict[str, Path], n_tokens: int, n_seq: int) -> dict:
     return handles
 
 
-def write_shard(docs, out_dir: Path, split: str, name: str, sequences: list[list[int]],
-                doc_lengths: np.ndarray, release=lambda: None) -> dict:
-    """Write one shard of ``sequences`` (lists of row indices into ``docs``, a tokenized datasets.Dataset).
+def write_shard(docs, out_dir: Path, split: str, name: str, rows: np.ndarray, seq_tokens: np.ndarray,
+                release=lambda: None) -> dict:
+    """Write one shard: ``rows`` (indices into ``docs``, a tokenized datasets.Dataset) one sequence after
+    another, ``seq_tokens`` tokens per sequence.
 
     ``release()`` is called after every batch read (a PageReleaser hands the mapped pages back). Returns the
     shard's manifest entry.
     """
-    order = [d for seq in sequences for d in seq]
-    seq_tokens = np.array([int(doc_lengths[seq].sum()) for seq in sequences], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(seq_tokens)]).astype(np.int64)
     files = shard_files(out_dir, split, name)
     files["input_ids"].parent.mkdir(parents=True, exist_ok=True)
-    handles = _open_arrays(files, int(offsets[-1]), len(sequences))
+    handles = _open_arrays(files, int(offsets[-1]), len(seq_tokens))
     supervised = 0
     try:
         handles["offsets"].write(offsets.tobytes())
-        table = docs.select(order).select_columns(["input_ids", "labels"]).with_format("arrow")
+        table = docs.select(rows).select_columns(["input_ids", "labels"]).with_format("arrow")
         for batch in table.iter(batch_size=READ_BATCH_DOCS):
             ids_col, labels_col = batch.column("input_ids").combine_chunks(), batch.column("labels").combine_chunks()
             ids, labels = ids_col.flatten().to_numpy(), labels_col.flatten().to_numpy()
@@ -64,5 +63,5 @@ def write_shard(docs, out_dir: Path, split: str, name: str, sequences: list[list
     finally:
         for fh in handles.values():
             fh.close()
-    return {"name": name, "sequences": len(sequences), "tokens": int(offsets[-1]),
+    return {"name": name, "sequences": len(seq_tokens), "tokens": int(offsets[-1]),
             "supervised_tokens": supervised, "sha256": shard_checksum(files)}
