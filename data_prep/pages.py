@@ -18,7 +18,6 @@ the Python strings and lists of each batch are freed, but the allocators kept th
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 import mmap
 import os
@@ -31,8 +30,9 @@ _MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", 4)
 
 @functools.cache
 def _libc():
-    # Looked up once per process: find_library runs ldconfig.
-    return ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    # The process's own symbols (libc among them), not find_library("c"): that runs ldconfig in a forked
+    # child, which for a moment counts the whole parent's memory again in the process tree.
+    return ctypes.CDLL(None, use_errno=True)
 
 
 @functools.cache
