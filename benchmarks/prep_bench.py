@@ -1,13 +1,16 @@
 """Prep throughput and peak memory, on the bundled sample and on a synthetic enlargement of it.
 
-Run by hand (not a test):  python benchmarks/prep_bench.py [--scales 1 100] [--num-proc 1] [--seq-len 512]
+Run by hand (not a test):  python benchmarks/prep_bench.py [--scales 1 100] [--num-proc 1] [--seq-len 512] [--core]
 Before/after:  python benchmarks/prep_bench.py --scales 100 --baseline DIR [--pairs 3]
 (DIR: another checkout, e.g. `git worktree add /tmp/base main`; each pair runs the baseline's prep, then
 this checkout's, on the same data and tokenizer, and prints the ratios after/before.)
 
 Each case runs `prepare` in a fresh child process; this script samples the RSS of that process and all its
 children every 20 ms and reports the high-water mark (the sum over the tree), the wall time, and tokens/s
-(all templated tokens written, every split). The enlargement repeats every row with varied numbers and
+(all templated tokens written, every split). ``--core`` also times prep's core work on the largest scale's
+rows in one process: rendering the chat template and tokenizing (``Templater.render`` + ``encode_batch`` in
+batches of data.map_batch_size, on records cleaned beforehand, untimed), and prints end to end / core as a
+ratio of tokens/s from the same run. The enlargement repeats every row with varied numbers and
 words, so deduplication keeps the copies and the work really grows with the scale.
 """
 
@@ -41,6 +44,34 @@ print("RESULT", json.dumps({"seconds": time.perf_counter() - t0, "cpu_seconds": 
       "documents": sum(s["documents"] for s in m["splits"].values())}))
 """
 
+CORE = """
+import csv, json, sys, time, types
+from pathlib import Path
+from data_prep.clean import Normalizer, clean_batch
+from data_prep.config import DataConfig
+from data_prep.pipeline import load_tokenizer, make_templater
+from data_prep.readers import Source, resolve_columns, source_settings
+cfg = DataConfig(**json.loads(sys.argv[1]))
+tok = load_tokenizer(sys.argv[2])
+with open(cfg.sources[0], newline="", encoding="utf-8") as fh:
+    rows = list(csv.DictReader(fh))
+src = Source(Path(cfg.sources[0]), "csv")
+cols = resolve_columns(types.SimpleNamespace(column_names=list(rows[0])), source_settings(cfg, 0), src)
+templater, normalize, records = make_templater(cfg, tok, [cols.kind]), Normalizer([]), []
+for start in range(0, len(rows), cfg.map_batch_size):
+    chunk = rows[start:start + cfg.map_batch_size]
+    batch = {k: [r[k] for r in chunk] for k in rows[0]}
+    out = clean_batch(batch, list(range(len(chunk))), columns=cols, src=src, src_id=0, normalize=normalize)
+    records.append([{c: out[c][i] for c in ("messages", "tools", "text")} for i in range(len(chunk))])
+del rows
+t0, c0, tokens = time.perf_counter(), time.process_time(), 0
+for group in records:
+    rendered = [templater.render(r) for r in group]
+    tokens += sum(len(ids) for ids, _ in templater.encode_batch(rendered, [not r["messages"] for r in group]))
+print("RESULT", json.dumps({"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
+      "tokens": tokens}))
+"""
+
 
 def enlarge(src: Path, dst: Path, scale: int) -> int:
     """Write ``scale`` varied copies of every row of ``src``; returns the rows written."""
@@ -62,13 +93,15 @@ def enlarge(src: Path, dst: Path, scale: int) -> int:
     return written
 
 
-def run_case(data: Path, model: Path, out: Path, seq_len: int, num_proc: int, code_root: Path = REPO_ROOT) -> dict:
-    """Prepare ``data`` in a child process running the prep code of ``code_root``; return its timing (wall
-    and CPU seconds of the main process), tokens and the tree's peak RSS."""
+def run_case(data: Path, model: Path, out: Path, seq_len: int, num_proc: int, code_root: Path = REPO_ROOT,
+             script: str = CHILD) -> dict:
+    """Prepare ``data`` in a child process running the prep code of ``code_root`` (or time the core work,
+    script=CORE); return its timing (wall and CPU seconds of the main process), tokens and the tree's peak
+    RSS."""
     cfg = {"sources": [str(data)], "output_dir": str(out), "seq_len": seq_len, "prompt_column": "question",
            "response_column": "answer", "num_proc": num_proc, "validation_fraction": 0.1, "test_fraction": 0.1}
     env = {**os.environ, "PYTHONPATH": str(code_root)}
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(cfg), str(model)], cwd=code_root, env=env,
+    proc = subprocess.Popen([sys.executable, "-c", script, json.dumps(cfg), str(model)], cwd=code_root, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     peak_bytes, ps = 0, psutil.Process(proc.pid)
     while proc.poll() is None:
@@ -114,6 +147,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--baseline", help="another checkout to compare against (before/after pairs)")
     parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--core", action="store_true", help="also time render + tokenize of the largest scale")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO_ROOT))
     from training.tiny_model import write_tiny_model
@@ -134,6 +168,12 @@ def main() -> None:
                   f"{r['seconds']:7.1f} s  {r['tokens_per_s']:>8} tokens/s  peak RSS {r['peak_rss_mib']:7.1f} MiB",
                   flush=True)
             results.append(r)
+        if args.core:
+            core = run_case(data, model, tmp / "core", args.seq_len, 1, script=CORE)
+            print(f"core (render + tokenize, 1 process) tokens {core['tokens']:>9}  {core['seconds']:7.1f} s  "
+                  f"{core['tokens_per_s']:>8} tokens/s  {core['tokens_per_cpu_s']:>8} tokens/CPU-s; end to end / core: "
+                  f"{results[-1]['tokens_per_s'] / core['tokens_per_s']:.3f} per wall second, "
+                  f"{results[-1]['tokens_per_cpu_s'] / core['tokens_per_cpu_s']:.3f} per CPU second", flush=True)
     if len(results) > 1:
         # Start-up (imports, tokenizer load, report) costs the same at every scale: the slope is the rate.
         d_tokens = results[-1]["tokens"] - results[0]["tokens"]

@@ -21,6 +21,7 @@ from .clean import BAD_ROW_EXAMPLES, Normalizer, clean_batch, clean_features, cl
 from .errors import DataError
 from .format import FORMAT_NAME, FORMAT_VERSION, SPLITS, sha256_files, tokenizer_hash
 from .outdir import make_work_dir, publish
+from .pages import PageReleaser, Releasing
 from .pack import assign_to_shards, no_packing, pack_best_fit, packing_efficiency
 from .readers import Source, expand_sources, read_source, resolve_columns, row_label, source_settings
 from .records import EXPECTED_SHAPE
@@ -126,11 +127,13 @@ def _map_kwargs(cfg, cache: Path, stage: str, fingerprint: str) -> dict:
             "cache_file_name": str(cache / f"{stage}.arrow"), "new_fingerprint": f"{stage}-{fingerprint}"}
 
 
-def read_and_clean(cfg, sources: list[Source], cache: Path, fingerprint: str, on_kinds=None):
+def read_and_clean(cfg, sources: list[Source], cache: Path, fingerprint: str, on_kinds=None,
+                   release: PageReleaser | None = None):
     """Read every source and clean it into canonical records; returns (dataset, record type per source).
 
     ``on_kinds(kinds)`` is called once every source's record type is known, before any row is cleaned, so
-    checks that need only the settings (template, seq_len) fail before the long stages.
+    checks that need only the settings (template, seq_len) fail before the long stages. ``release()`` is
+    called after every batch (a PageReleaser keeps the mapped pages read from growing with the data).
     """
     import datasets
 
@@ -142,9 +145,10 @@ def read_and_clean(cfg, sources: list[Source], cache: Path, fingerprint: str, on
     if on_kinds:
         on_kinds([c.kind for c in columns])
     normalize = Normalizer(cleaning_steps(cfg))
+    clean = Releasing(clean_batch, release or PageReleaser([]))
     cleaned = []
     for src_id, (src, raw, cols) in enumerate(zip(sources, raws, columns)):
-        ds = raw.map(clean_batch, with_indices=True, remove_columns=raw.column_names, features=clean_features(),
+        ds = raw.map(clean, with_indices=True, remove_columns=raw.column_names, features=clean_features(),
                      fn_kwargs={"columns": cols, "src": src, "src_id": src_id, "normalize": normalize},
                      desc=f"clean {src.path.name}", **_map_kwargs(cfg, cache, f"clean-{src_id}", fingerprint))
         if equals(ds, "_drop", "bad_row").all():
@@ -209,34 +213,37 @@ def make_templater(cfg, tokenizer, kinds: list[str]) -> Templater:
     return templater
 
 
-def _tokenize(cfg, docs, templater: Templater, sources, cache: Path, fingerprint: str):
-    return docs.map(tokenize_batch, remove_columns=docs.column_names, features=token_features(),
+def _tokenize(cfg, docs, templater: Templater, sources, cache: Path, fingerprint: str, release):
+    return docs.map(Releasing(tokenize_batch, release), remove_columns=docs.column_names, features=token_features(),
                     fn_kwargs={"templater": templater, "seq_len": cfg.seq_len, "excess_length": cfg.excess_length,
                                "where": RowLocator(sources)},
                     desc="template + tokenize", **_map_kwargs(cfg, cache, "tokenize", fingerprint))
 
 
-def _write_split(cfg, tok, work: Path, split: str, doc_idx: np.ndarray, lengths: np.ndarray) -> dict:
+def _write_split(cfg, tok, work: Path, split: str, doc_idx: np.ndarray, lengths: np.ndarray, release) -> dict:
     from tqdm.auto import tqdm
 
-    local = pack_best_fit(lengths[doc_idx], cfg.seq_len, desc=f"pack {split}") if cfg.packing else \
+    packing = pack_best_fit(lengths[doc_idx], cfg.seq_len, desc=f"pack {split}") if cfg.packing else \
         no_packing(len(doc_idx))
-    sequences = [[int(doc_idx[i]) for i in seq] for seq in local]
     shards = []
-    for s, members in enumerate(tqdm(assign_to_shards(len(sequences), cfg.num_shards), desc=f"write {split}",
+    for s, members in enumerate(tqdm(assign_to_shards(len(packing), cfg.num_shards), desc=f"write {split}",
                                      unit="shard", leave=False)):
-        shards.append(write_shard(tok, work, split, f"shard-{s:05d}", [sequences[i] for i in members], lengths))
+        local, docs_per_seq = packing.take(members)
+        rows = doc_idx[local]  # rows of the tokenized dataset, sequence by sequence
+        seq_tokens = np.add.reduceat(lengths[rows], np.cumsum(docs_per_seq) - docs_per_seq)
+        shards.append(write_shard(tok, work, split, f"shard-{s:05d}", rows, seq_tokens, release))
     tokens = int(lengths[doc_idx].sum())
     return {"documents": int(len(doc_idx)), "tokens": tokens,
-            "supervised_tokens": sum(s["supervised_tokens"] for s in shards), "sequences": len(sequences),
-            "packing_efficiency": round(packing_efficiency(tokens, len(sequences), cfg.seq_len), 6), "shards": shards}
+            "supervised_tokens": sum(s["supervised_tokens"] for s in shards), "sequences": len(packing),
+            "packing_efficiency": round(packing_efficiency(tokens, len(packing), cfg.seq_len), 6), "shards": shards}
 
 
 def _build(cfg, tokenizer, model_ref: tuple, sources, key_parts, cache_key, work: Path) -> tuple[dict, dict]:
     cache = work / "_cache"
+    release = PageReleaser([work] + [src.path for src in sources if src.fmt == "arrow"])
     templaters: list[Templater] = []
     ds, kinds = read_and_clean(cfg, sources, cache, cache_key[:16],
-                               on_kinds=lambda k: templaters.append(make_templater(cfg, tokenizer, k)))
+                               on_kinds=lambda k: templaters.append(make_templater(cfg, tokenizer, k)), release=release)
     split_ids = assign_splits(column(ds, "_hash"), cfg.validation_fraction, cfg.test_fraction)
     rows_read = _count_by_split(split_ids, np.ones(len(split_ids), dtype=bool))
     drops = {name: dict.fromkeys(DROP_REASONS, 0) for name in SPLITS}
@@ -244,7 +251,8 @@ def _build(cfg, tokenizer, model_ref: tuple, sources, key_parts, cache_key, work
     if not len(kept):
         raise _empty_data_error(drops, rows_read)
     docs = ds.select(kept)
-    tok = _tokenize(cfg, docs, templaters[0], sources, cache, cache_key[:16])
+    release()
+    tok = _tokenize(cfg, docs, templaters[0], sources, cache, cache_key[:16], release)
     split_kept = split_ids[kept]
     for r in ("too_long", "no_supervised_tokens"):
         for name, n in _count_by_split(split_kept, equals(tok, "_drop2", r)).items():
@@ -256,7 +264,8 @@ def _build(cfg, tokenizer, model_ref: tuple, sources, key_parts, cache_key, work
     splits = {}
     for name, sid in SPLIT_IDS.items():
         doc_idx = np.flatnonzero(final & (split_kept == sid))
-        info = _write_split(cfg, tok, work, name, doc_idx, lengths)
+        release()
+        info = _write_split(cfg, tok, work, name, doc_idx, lengths, release)
         splits[name] = {"rows_read": rows_read[name], "rows_dropped": drops[name],
                         "truncated_documents": int(truncated[doc_idx].sum()), **info}
     kind = kinds[0] if len(set(kinds)) == 1 else "mixed"

@@ -27,8 +27,9 @@ def cross_split_overlap(prompt_hashes: np.ndarray, split_ids: np.ndarray) -> dic
     Returns counts for train/validation, train/test and validation/test; a prompt hash of 0 means "no
     prompt" (text rows) and is ignored.
     """
-    sets = {name: set(np.unique(prompt_hashes[(split_ids == sid) & (prompt_hashes != 0)]).tolist())
+    # Sorted unique arrays, not Python sets: 8 bytes per prompt instead of ~70 (flat memory at scale).
+    uniq = {name: np.unique(prompt_hashes[(split_ids == sid) & (prompt_hashes != 0)])
             for name, sid in SPLIT_IDS.items()}
-    return {"train/validation": len(sets["train"] & sets["validation"]),
-            "train/test": len(sets["train"] & sets["test"]),
-            "validation/test": len(sets["validation"] & sets["test"])}
+    both = lambda a, b: len(np.intersect1d(uniq[a], uniq[b], assume_unique=True))  # noqa: E731
+    return {"train/validation": both("train", "validation"), "train/test": both("train", "test"),
+            "validation/test": both("validation", "test")}
