@@ -117,15 +117,21 @@ def _train_flag(msg: dict, index: int) -> bool:
     return train is not False and weight != 0
 
 
-def _messages(value, column: str, normalize: Normalize) -> list[dict]:
+def _turn_objects(value, column: str, what: str) -> list[tuple[int, dict]]:
+    """The (index, turn) pairs of a conversation column; a wrong shape is a BadRow naming ``what`` i."""
     if value is None:
         return []
     if not isinstance(value, list):
         raise BadRow("wrong_type", f"column {column!r} holds a {type(value).__name__}, not a list of turns")
-    turns = []
     for i, msg in enumerate(value):
         if not isinstance(msg, dict):
-            raise BadRow("wrong_type", f"message {i} is a {type(msg).__name__} ({str(msg)[:40]!r}), not an object")
+            raise BadRow("wrong_type", f"{what} {i} is a {type(msg).__name__} ({str(msg)[:40]!r}), not an object")
+    return list(enumerate(value))
+
+
+def _messages(value, column: str, normalize: Normalize) -> list[dict]:
+    turns = []
+    for i, msg in _turn_objects(value, column, "message"):
         role = msg.get("role")
         if not isinstance(role, str) or not role.strip():
             raise BadRow("missing_role", f"message {i} has no role")
@@ -148,14 +154,8 @@ def _optional_str(msg: dict, key: str) -> str:
 
 
 def _sharegpt(value, column: str, roles: dict, normalize: Normalize) -> list[dict]:
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise BadRow("wrong_type", f"column {column!r} holds a {type(value).__name__}, not a list of turns")
     turns = []
-    for i, msg in enumerate(value):
-        if not isinstance(msg, dict):
-            raise BadRow("wrong_type", f"turn {i} is a {type(msg).__name__} ({str(msg)[:40]!r}), not an object")
+    for i, msg in _turn_objects(value, column, "turn"):
         speaker = msg.get("from")
         if not isinstance(speaker, str) or not speaker.strip():
             raise BadRow("missing_role", f"turn {i} has no 'from'")
