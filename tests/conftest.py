@@ -60,3 +60,18 @@ def tiny_model_copy(tiny_model_dir, tmp_path) -> Path:
     dst = tmp_path / "model"
     shutil.copytree(tiny_model_dir, dst)
     return dst
+
+
+_SHM = Path("/dev/shm")
+_DS_SHM_GLOB = "deepspeed_allreduce_buffer_*"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_leaked_shared_memory():
+    """Ranks the tests kill (SIGKILL, preemption, hang diagnosis) never unlink DeepSpeed's CPU all-reduce
+    buffers in /dev/shm; a full run would leave hundreds of MB there. Remove the ones this session made."""
+    before = set(_SHM.glob(_DS_SHM_GLOB)) if _SHM.is_dir() else set()
+    yield
+    if _SHM.is_dir():
+        for path in set(_SHM.glob(_DS_SHM_GLOB)) - before:
+            path.unlink(missing_ok=True)
