@@ -92,7 +92,7 @@ def export_checkpoint(run_dir: str | os.PathLike, out_dir: str | os.PathLike, ta
         model = skeleton(config, PRECISION_DTYPES[save_precision])
         config.architectures = [type(model).__name__]
         plan = _write_weights(weights, model, cfg.model, max_shard_bytes, tmp)
-        _write_extras(config, cfg.model, tmp)
+        notes += _write_extras(config, cfg, tmp)
         probe_path = tag_dir / "probe.safetensors"
         tolerance = probe_tolerance(probe_path, cfg.train.precision, save_precision)
         num_params, error = verify_export(tmp, weights, plan, probe_path, PRECISION_DTYPES[save_precision],
@@ -226,10 +226,12 @@ def _write_weights(weights: ZeroWeights | FolderWeights, model: torch.nn.Module,
     return shards
 
 
-def _write_extras(config, model_cfg, folder: Path) -> None:
-    """config.json, generation_config.json and the tokenizer, beside the weights."""
+def _write_extras(config, cfg, folder: Path) -> list[str]:
+    """config.json, generation_config.json and the tokenizer, beside the weights; returns notes for the
+    user. The tokenizer carries the chat template the training data was rendered with."""
     from transformers import AutoTokenizer, GenerationConfig
 
+    model_cfg = cfg.model
     config.save_pretrained(folder)
     try:
         generation = GenerationConfig.from_pretrained(model_cfg.name_or_path, revision=model_cfg.revision)
@@ -238,7 +240,31 @@ def _write_extras(config, model_cfg, folder: Path) -> None:
     generation.save_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(model_cfg.name_or_path, revision=model_cfg.revision,
                                               trust_remote_code=model_cfg.trust_remote_code)
+    notes = _carry_chat_template(tokenizer, cfg.data)
     tokenizer.save_pretrained(folder)
+    return notes
+
+
+def _carry_chat_template(tokenizer, data_cfg) -> list[str]:
+    """Set the tokenizer's chat template to the one prep rendered the data with (data.chat_template), so
+    that ``apply_chat_template`` on the exported model formats prompts as the model was trained."""
+    from data_prep.errors import DataError
+    from data_prep.template import resolve_chat_template
+
+    notes = []
+    if data_cfg.template == "chat" and data_cfg.chat_template:
+        try:
+            tokenizer.chat_template = resolve_chat_template(tokenizer, data_cfg.chat_template)[0]
+        except DataError as exc:
+            raise ExportError(f"{exc}; the run was trained on data rendered with it and the exported tokenizer "
+                              f"must carry it: run export from the folder prep ran in, or make data.chat_template "
+                              f"in the run's config.yaml an absolute path") from None
+        notes.append(f"the tokenizer carries data.chat_template {data_cfg.chat_template} (the template the "
+                     f"training data was rendered with)")
+    if data_cfg.template == "chat" and data_cfg.system_prompt:
+        notes.append("the training conversations without their own system message got data.system_prompt as "
+                     "one; send the same system message at inference")
+    return notes
 
 
 def _fsync_folder(folder: Path) -> None:

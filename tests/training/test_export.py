@@ -337,3 +337,45 @@ def test_cli_registers_export():
     proc = subprocess.run([sys.executable, "-m", "launcher.cli", "export", "--help"], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "--dtype" in proc.stdout and "run_dir" in proc.stdout
+
+
+def _set_data_keys(run_dir: Path, **keys) -> None:
+    import yaml
+
+    path = run_dir / "config.yaml"
+    cfg = yaml.safe_load(path.read_text())
+    cfg.setdefault("data", {}).update(keys)
+    path.write_text(yaml.safe_dump(cfg))
+
+
+def test_export_carries_the_chat_template_the_data_was_rendered_with(zero2_copy, tmp_path, capsys):
+    """A run whose data used data.chat_template must export a tokenizer that formats prompts the same way;
+    the base model's own template (here a different one) would prompt the model in a format it never saw."""
+    from transformers import AutoTokenizer
+
+    from data_prep.template import BUILTIN_DIR
+
+    conversation = [{"role": "user", "content": "What is a p-value?"}]
+    _set_data_keys(zero2_copy, template="chat", chat_template="llama3", system_prompt="Be brief.")
+    assert zerotune(["export", str(zero2_copy), "--out", str(tmp_path / "hf")]) == 0
+    exported = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    base = AutoTokenizer.from_pretrained(_model_path(zero2_copy))
+    trained_format = base.apply_chat_template(conversation, chat_template=(BUILTIN_DIR / "llama3.jinja").read_text(),
+                                              tokenize=False, add_generation_prompt=True)
+    assert exported.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True) == trained_format
+    assert base.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True) != trained_format
+    printed = capsys.readouterr().out
+    assert "data.chat_template llama3" in printed and "data.system_prompt" in printed
+
+
+def test_export_refuses_a_chat_template_file_it_cannot_find(zero2_copy, tmp_path):
+    _set_data_keys(zero2_copy, template="chat", chat_template=str(tmp_path / "gone.jinja"))
+    with pytest.raises(ExportError, match="gone.jinja.*exported tokenizer must carry it"):
+        export_checkpoint(zero2_copy, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+def _model_path(run_dir: Path) -> str:
+    import yaml
+
+    return yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["name_or_path"]
