@@ -14,6 +14,7 @@ import shutil
 import signal
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -167,30 +168,91 @@ class Checkpointer:
         return ckpt.universal_folder(self.root, tag).name
 
     def _check_resumable(self, tag: str, state: dict) -> None:
-        saved_batch, batch = state.get("global_batch_size"), self.batches.global_batch_size
-        if state["world_size"] != self.world_size and saved_batch != batch:
-            # The data position counts whole global batches: another size would skip or repeat sequences.
-            raise ckpt.ResumeError(
-                f"{self.root / tag} was saved on {state['world_size']} data-parallel ranks with global batch "
-                f"{saved_batch}, but this run has {self.world_size} ranks x micro "
-                f"{self.batches.micro_batch_size} x accumulation {self.batches.accumulation} = {batch}; "
-                f"set train.global_batch_size: {saved_batch} (micro-batch and accumulation then adapt), or "
-                f"start a new output_dir")
-        saved_groups = state.get("optimizer_param_groups")  # absent before it was recorded: built to match
-        groups = len(self.engine.optimizer.param_groups)
-        if saved_groups is not None and saved_groups != groups:  # one group saved (weight decay 0), and weight decay is set now
-            raise ckpt.ResumeError(
-                f"{self.root / tag} holds optimizer state for {saved_groups} parameter group (saved with "
-                f"train.weight_decay {state.get('weight_decay')}) but train.weight_decay "
-                f"{self.ctx.train.weight_decay} needs {groups} (decay, and none for biases and norms); resume "
-                f"with train.weight_decay: {state.get('weight_decay')}, or start a new output_dir")
-        if state["manifest_cache_key"] != self.ctx.manifest.get("cache_key"):
-            raise ckpt.ResumeError(
-                f"{self.root / tag} was trained on different prepared data (manifest cache_key changed); the "
-                f"saved data position would be meaningless. Use a new output_dir, or prepare the old data again")
-        if state["config_hash"] != self.ctx.config_hash:
-            self.ctx.logger.line(f"warning: the config differs from the one {tag} was saved with; continuing "
-                                 f"with the new one")
+        t = self.batches
+        run = RunIdentity(self.world_size, t.global_batch_size, t.micro_batch_size, t.accumulation,
+                          len(self.engine.optimizer.param_groups), self.ctx.train.weight_decay,
+                          self.ctx.manifest.get("cache_key"), self.ctx.config_hash)
+        for warning in check_resumable(self.root / tag, state, run):
+            self.ctx.logger.line(f"warning: {warning}")
+
+
+@dataclass(frozen=True)
+class RunIdentity:
+    """What a checkpoint's zerotune_state.json must agree with for this run to resume it."""
+
+    world_size: int
+    global_batch_size: int
+    micro_batch_size: int
+    accumulation: int
+    optimizer_param_groups: int
+    weight_decay: float
+    manifest_cache_key: Optional[str]
+    config_hash: str
+
+
+def check_resumable(folder: Path, state: dict, run: RunIdentity) -> list[str]:
+    """Raise ResumeError when ``run`` cannot continue the checkpoint in ``folder`` (whose saved state is
+    ``state``), saying what to change; returns the warnings of a resume that may go on."""
+    _check_data_position(folder, state, run)
+    saved_groups = state.get("optimizer_param_groups")  # absent before it was recorded: built to match
+    if saved_groups is not None and saved_groups != run.optimizer_param_groups:
+        # one group saved (weight decay 0), and weight decay is set now
+        raise ckpt.ResumeError(
+            f"{folder} holds optimizer state for {saved_groups} parameter group (saved with "
+            f"train.weight_decay {state.get('weight_decay')}) but train.weight_decay "
+            f"{run.weight_decay} needs {run.optimizer_param_groups} (decay, and none for biases and norms); "
+            f"resume with train.weight_decay: {state.get('weight_decay')}, or start a new output_dir")
+    if state["manifest_cache_key"] != run.manifest_cache_key:
+        raise ckpt.ResumeError(
+            f"{folder} was trained on different prepared data (manifest cache_key changed); the "
+            f"saved data position would be meaningless. Use a new output_dir, or prepare the old data again")
+    warnings = []
+    if _saved_before_the_global_order(state):
+        warnings.append(_old_order_warning(folder, state))
+    if state["config_hash"] != run.config_hash:
+        warnings.append(f"the config differs from the one {folder.name} was saved with; continuing with the new one")
+    return warnings
+
+
+def _saved_before_the_global_order(state: dict) -> bool:
+    """Checkpoints from before the global data order (training.data.epoch_order) record no position in
+    sequences, only the step within the epoch of a per-rank order."""
+    return "sequences_consumed_in_epoch" not in state
+
+
+def _check_data_position(folder: Path, state: dict, run: RunIdentity) -> None:
+    saved_world = state["world_size"]
+    if saved_world == run.world_size:
+        return
+    if _saved_before_the_global_order(state):
+        # Its position belongs to a per-rank order of unknown global batch: nothing to carry it over by.
+        raise ckpt.ResumeError(
+            f"{folder} was saved on {saved_world} data-parallel ranks before zerotune recorded a data position "
+            f"independent of the world size (no sequences_consumed_in_epoch in {ckpt.STATE_FILE}), so it cannot "
+            f"resume on {run.world_size}; resume it on {saved_world} ranks until its next checkpoint (which "
+            f"records the position), or start a new output_dir")
+    saved_batch = state.get("global_batch_size")
+    if saved_batch != run.global_batch_size:
+        # The data position counts whole global batches: another size would skip or repeat sequences.
+        raise ckpt.ResumeError(
+            f"{folder} was saved on {saved_world} data-parallel ranks with global batch "
+            f"{saved_batch}, but this run has {run.world_size} ranks x micro "
+            f"{run.micro_batch_size} x accumulation {run.accumulation} = {run.global_batch_size}; "
+            f"set train.global_batch_size: {saved_batch} (micro-batch and accumulation then adapt), or "
+            f"start a new output_dir")
+
+
+def _old_order_warning(folder: Path, state: dict) -> str:
+    position = state.get("data_position", {})
+    epoch, step_in_epoch = position.get("epoch", state.get("epoch")), position.get("step_in_epoch", 0)
+    if not step_in_epoch:
+        return (f"{folder.name} was saved before the global data order (zerotune_state.json has no "
+                f"sequences_consumed_in_epoch), at the start of epoch {epoch}: no sequence is repeated or "
+                f"skipped, but the epochs from here on follow the new order, not the old one")
+    return (f"{folder.name} was saved before the global data order (zerotune_state.json has no "
+            f"sequences_consumed_in_epoch): the rest of epoch {epoch} (from step {step_in_epoch} of it) follows "
+            f"the new order, so some of this epoch's sequences are seen twice and others not at all; from the "
+            f"next epoch on every sequence is seen once. Start a new output_dir to avoid it")
 
 
 def probe_ids(data_dir, manifest: dict) -> Optional[torch.Tensor]:
