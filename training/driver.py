@@ -1,4 +1,7 @@
-"""The step loop: accumulation, loss normalisation, evaluation, early stopping, checkpoints, logging, resume.
+"""The step loop: accumulation, loss normalisation, logging, and when to evaluate and save.
+
+Evaluation and early stopping live in training/evaluation.py, saving and resuming in training/resume.py;
+the driver decides when each runs, and stops every rank together on a preemption.
 
 A loop (training/loops.py) only turns a batch into ``(loss_sum, token_count)``. This driver fetches all
 micro-batches of an optimizer step first, all-reduces their supervised-token count, and back-propagates
@@ -15,31 +18,22 @@ or the end, whichever comes first. On a GPU the step syncs with the host once, t
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
-import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-from training import best_weights
 from training import checkpoint as ckpt
 from training.config import CheckpointConfig, EvalConfig, TrainConfig
-from training.data import Collator, RankSequences, TrainBatches, eval_batches, first_sequences
-from training.engine import reapply_optimizer_settings
-from training.preemption import PREEMPTED_EXIT_CODE, PreemptionFlag
-from training.tb import (MetricsLogger, memory_gb, peak_flops_per_device, perplexity, squared_document_tokens,
-                         training_flops)
-
-# Test hook: SIGKILL rank 0 in the middle of saving this step (after DeepSpeed's files, before COMPLETE).
-FAULT_KILL_IN_SAVE_ENV = "ZEROTUNE_FAULT_KILL_IN_SAVE_AT_STEP"
-PROBE_SEQUENCES, PROBE_TOKENS = 2, 64
+from training.data import Collator, RankSequences, TrainBatches
+from training.evaluation import Evaluator, write_results
+from training.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionFlag
+from training.resume import FAULT_KILL_IN_SAVE_ENV, Checkpointer, Progress  # noqa: F401  (the hook's name, re-exported)
+from training.tb import MetricsLogger, memory_gb, peak_flops_per_device, squared_document_tokens, training_flops
 
 
 class LossCountMismatch(RuntimeError):
@@ -49,30 +43,6 @@ class LossCountMismatch(RuntimeError):
     """
 
     user_error = True
-
-
-@dataclass
-class Progress:
-    """Everything besides DeepSpeed's state needed to continue a run exactly (saved in each checkpoint)."""
-
-    step: int = 0
-    epoch: int = 0
-    step_in_epoch: int = 0
-    best_eval_loss: Optional[float] = None
-    best_tag: Optional[str] = None
-    evals_without_improvement: int = 0
-    last_eval_loss: Optional[float] = None
-    last_eval_step: int = -1
-    stopped_early: bool = False
-    best_save_pending: bool = False  # preempted between a new best evaluation and its weights save
-
-
-class _Preempted(Exception):
-    """The ranks agreed to stop; ``rng_state`` is what the checkpoint must hold for an exact resume."""
-
-    def __init__(self, rng_state: dict):
-        super().__init__("preempted")
-        self.rng_state = rng_state
 
 
 @dataclass
@@ -101,7 +71,7 @@ class Driver:
         self.engine, self.loop, self.ctx = engine, loop, ctx
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.device = engine.device  # the compute device (parameters may be offloaded to the CPU)
-        t, e = ctx.train, ctx.eval
+        t = ctx.train
         pad_id = ctx.tokenizer.pad_token_id if ctx.tokenizer.pad_token_id is not None else 0
         pad_to = ctx.manifest["seq_len"] if t.pad_to == "seq_len" else None
         self.collator = Collator(pad_id, pad_to)
@@ -109,12 +79,12 @@ class Driver:
         self.train_data = TrainBatches(
             RankSequences.open(ctx.data_dir, ctx.manifest, "train", rank=0, world_size=1), self.collator,
             t.micro_batch_size, t.gradient_accumulation_steps, self.world_size, self.rank, t.seed)
-        self.eval_micro = e.micro_batch_size or t.micro_batch_size
         self.total_steps = total_steps
         self.progress = Progress()
-        self.root = ckpt.checkpoint_root(ctx.output_dir)
         self.preempt = PreemptionFlag()
-        self.probe_ids = self._probe_ids()
+        self.checkpoints = Checkpointer(engine, ctx, self.train_data, self.rank, self.world_size)
+        self.evaluator = Evaluator(engine, loop, ctx, self.collator, self._all_sum, self.preempt, self.rank,
+                                   self.world_size)
         self._saved_step = -1
         self._pending: Optional[_PendingStep] = None
 
@@ -130,7 +100,7 @@ class Driver:
             while self.progress.step < self.total_steps and not self.progress.stopped_early:
                 self._step()
             self._finish()
-        except _Preempted as stop:
+        except Preempted as stop:
             return self._stop_preempted(stop.rng_state)
         self.preempt.uninstall()
         return 0
@@ -151,7 +121,7 @@ class Driver:
         global_count, global_real, global_flops, preempted = self._reduce_step_start(
             float(sum(counts)), float(real), flops)
         if preempted:
-            raise _Preempted(rng_before_step)
+            raise Preempted(rng_before_step)
         self._train_step(batches, counts, global_count, (global_real, global_flops), t0, data_wait)
         self._after_step()
 
@@ -165,10 +135,6 @@ class Driver:
         self.ctx.logger.line(f"preempted at step {self.progress.step}: checkpoint saved, "
                              f"exiting {PREEMPTED_EXIT_CODE}")
         return PREEMPTED_EXIT_CODE
-
-    def _any_rank_preempted(self) -> bool:
-        """Whether any rank got a preemption signal (a collective: every rank must ask at the same point)."""
-        return self._all_sum([1.0 if self.preempt.requested else 0.0])[0] > 0
 
     def _finish_interrupted_work(self) -> None:
         """After a resume: the evaluation a preemption cut short, and the best-weights save it put off."""
@@ -271,205 +237,36 @@ class Driver:
             self._evaluate_and_track(ckpt.capture_rng_state())
         if self._saved_step != p.step:
             self._save()
-        test_loss, tested_tag = self._test()
-        self._log_samples()
-        self._write_results(p.last_eval_loss, test_loss, tested_tag)
+        test_loss, tested_tag = self.evaluator.test(p, self.checkpoints.root)
+        self.evaluator.log_samples(p.step)
+        if self.rank == 0:
+            write_results(self.ctx.output_dir, p, self.total_steps, p.last_eval_loss, test_loss, tested_tag)
 
-    # ------------------------------------------------------------------ evaluation
-
-    def _evaluate(self, split: str, rng_state: dict) -> Optional[float]:
-        """Mean loss over ``split`` on all ranks (None when the split is empty). Raises _Preempted (carrying
-        ``rng_state``) as soon as any rank is asked to stop, checked before every batch."""
-        seqs = RankSequences.open(self.ctx.data_dir, self.ctx.manifest, split, self.rank, self.world_size)
-        if len(seqs) == 0:
-            return None
-        self._beat("eval", step=self.progress.step)
-        self.engine.eval()
-        interrupted = []
-        try:
-            loss_sum, tokens = self.loop.evaluate(self.engine, self._until_preempted(
-                eval_batches(seqs, self.collator, self.eval_micro, self.ctx.eval.max_batches), interrupted))
-        finally:
-            self.engine.train()
-        if interrupted:
-            raise _Preempted(rng_state)
-        total_loss, total_tokens = self._all_sum([float(loss_sum), float(tokens)])
-        return total_loss / total_tokens if total_tokens else None
-
-    def _until_preempted(self, batches: Iterator[dict], interrupted: list) -> Iterator[dict]:
-        """``batches`` until the ranks agree one was asked to stop (then ``interrupted`` gets an entry).
-
-        One 8-byte all-reduce per evaluation batch, so every rank stops before the same batch (ZeRO-3's
-        forward gathers parameters from all ranks); a stop waits for one batch at most.
-        """
-        for batch in batches:
-            if self._any_rank_preempted():
-                interrupted.append(True)
-                return
-            yield batch
+    # ------------------------------------------------------------------ evaluation and checkpoints
 
     def _evaluate_and_track(self, rng_state: dict) -> None:
-        p, e = self.progress, self.ctx.eval
-        loss = self._evaluate("validation", rng_state)
-        p.last_eval_step, p.last_eval_loss = p.step, loss
-        if loss is None:
+        """Validate (may set stopped_early); on a new best, save its weights, unless a rank was preempted:
+        then the full checkpoint comes first and the resumed run saves the best."""
+        if not self.evaluator.validate(self.progress, rng_state) or not self.ctx.checkpoint.keep_best:
             return
-        self.ctx.logger.scalars(p.step, {"eval/loss": loss, "eval/perplexity": perplexity(loss)}, kind="eval")
-        self.ctx.logger.line(f"step {p.step:>6} | eval loss {loss:.4f} | ppl {perplexity(loss):.2f}")
-        if p.best_eval_loss is None or loss < p.best_eval_loss - e.early_stopping_min_delta:
-            p.best_eval_loss, p.evals_without_improvement = loss, 0
-            p.best_tag = ckpt.tag_for_step(p.step)
-            if self.ctx.checkpoint.keep_best:
-                if self._any_rank_preempted():  # the full checkpoint first; the resumed run saves the best
-                    p.best_save_pending = True
-                    raise _Preempted(rng_state)
-                self._save_best()
-        else:
-            p.evals_without_improvement += 1
-            if e.early_stopping_patience and p.evals_without_improvement >= e.early_stopping_patience:
-                p.stopped_early = True
-                self.ctx.logger.line(f"early stopping at step {p.step}: no eval improvement > "
-                                     f"{e.early_stopping_min_delta} for {p.evals_without_improvement} evals")
-
-    def _test(self) -> tuple[Optional[float], Optional[str]]:
-        """Evaluate the test split once, with the best checkpoint's weights when eval.test_with is best."""
-        p = self.progress
-        tag = ckpt.tag_for_step(p.step)
-        best = best_weights.best_folder(self.root, p.best_tag or "")
-        if self.ctx.eval.test_with == "best" and p.best_tag and p.best_tag != tag and \
-                (best / ckpt.COMPLETE_MARKER).is_file():
-            # Weights only, no optimizer state: training is over.
-            best_weights.load_best_weights(self.engine.module, best, self.rank)
-            tag = p.best_tag
-        loss = self._evaluate("test", ckpt.capture_rng_state())
-        if loss is not None:
-            self.ctx.logger.scalars(p.step, {"test/loss": loss, "test/perplexity": perplexity(loss)}, kind="test")
-            self.ctx.logger.line(f"test loss {loss:.4f} | ppl {perplexity(loss):.2f} (weights of {tag})")
-        return loss, tag
-
-    # ------------------------------------------------------------------ checkpoints
+        if self.evaluator.any_rank_preempted():
+            self.progress.best_save_pending = True
+            raise Preempted(rng_state)
+        self._save_best()
 
     def _save(self, rng_state: Optional[dict] = None) -> None:
-        """Save a complete checkpoint for the current step on all ranks (a collective); ``rng_state`` (from
-        ckpt.capture_rng_state) replaces the current RNG states in it."""
-        p = self.progress
-        started = time.perf_counter()
-        self._beat("save", step=p.step)
-        tag = ckpt.tag_for_step(p.step)
-        folder = self.root / tag
-        if self.rank == 0 and folder.exists() and not ckpt.is_complete(folder):
-            shutil.rmtree(folder)  # left by a save that was killed; start it clean
-        dist.barrier()
-        state = {"step": p.step, "epoch": p.epoch, "data_position": {"epoch": p.epoch,
-                 "step_in_epoch": p.step_in_epoch}, "world_size": self.world_size,
-                 "config_hash": self.ctx.config_hash, "manifest_cache_key": self.ctx.manifest.get("cache_key"),
-                 "eval_loss": p.last_eval_loss if p.last_eval_step == p.step else None, "progress": asdict(p),
-                 "global_batch_size": self.train_data.global_batch_size,
-                 "sequences_consumed_in_epoch": p.step_in_epoch * self.train_data.global_batch_size,
-                 "optimizer_param_groups": len(self.engine.optimizer.param_groups),
-                 "weight_decay": self.ctx.train.weight_decay}
-        self.engine.save_checkpoint(str(self.root), tag=tag, client_state={"zerotune": state}, save_latest=False)
-        ckpt.save_rng_state(folder / f"rng-rank{self.rank}.safetensors", rng_state)
-        if self.probe_ids is not None:
-            from training.probe import save_probe
-
-            save_probe(self.engine.module, self.probe_ids, folder / "probe.safetensors")
-        if self.rank == 0:
-            (folder / ckpt.STATE_FILE).write_text(json.dumps(state, indent=2), encoding="utf-8")
-            if os.environ.get(FAULT_KILL_IN_SAVE_ENV) == str(p.step):
-                os.kill(os.getpid(), signal.SIGKILL)
-        dist.barrier()
-        if self.rank == 0:
-            ckpt.mark_complete(folder)
-            ckpt.write_pointer(self.root, "latest", tag)
-            ckpt.record_save_time(self.root, tag, time.perf_counter() - started)
-            ckpt.prune(self.root, self.ctx.checkpoint.keep_last, set())
-        dist.barrier()
-        self._saved_step = p.step
-        self.ctx.logger.line(f"step {p.step:>6} | saved checkpoint {tag} in {time.perf_counter() - started:.1f} s")
+        """Save a complete checkpoint of the current step on all ranks (see resume.Checkpointer.save)."""
+        self._beat("save", step=self.progress.step)
+        self.checkpoints.save(self.progress, rng_state)
+        self._saved_step = self.progress.step
 
     def _save_best(self) -> None:
-        """Save the new best evaluation's weights only (a collective); full checkpoints keep their cadence."""
-        p = self.progress
-        p.best_save_pending = False
-        best_weights.save_best_weights(self.engine.module, self.root, p.best_tag,
-                                       {"step": p.step, "eval_loss": p.best_eval_loss}, self.probe_ids, self.rank)
-        self.ctx.logger.line(f"step {p.step:>6} | saved best weights {p.best_tag}")
+        self.checkpoints.save_best(self.progress)
 
     def _maybe_resume(self) -> None:
-        if self.ctx.checkpoint.resume == "never":  # train.py refused a run dir holding checkpoints
-            return
-        tag, notes = ckpt.find_resume_tag(self.root)
-        for note in notes:
-            self.ctx.logger.line(f"warning: {note}")
-        if tag is None:
-            return
-        state = json.loads((self.root / tag / ckpt.STATE_FILE).read_text(encoding="utf-8"))
-        self._check_resumable(tag, state)
-        saved_world = state["world_size"]
-        load_tag = tag if saved_world == self.world_size else self._universal_tag(tag, saved_world)
-        load_path, _ = self.engine.load_checkpoint(str(self.root), tag=load_tag)
-        if load_path is None:
-            raise ckpt.ResumeError(f"DeepSpeed could not load {self.root / load_tag}; delete that folder to "
-                                   f"resume from an older checkpoint")
-        reapply_optimizer_settings(self.engine.optimizer, self.engine.lr_scheduler, self.ctx.train)
-        # Ranks beyond the saved ones take a saved rank's RNG state (every rank's is the same unless a loop
-        # draws rank-dependent numbers).
-        ckpt.load_rng_state(self.root / tag / f"rng-rank{self.rank % saved_world}.safetensors")
-        self.progress = Progress(**state["progress"])
-        self._saved_step = self.progress.step
-        if saved_world == self.world_size:
-            self.ctx.logger.line(f"resumed from {tag} (step {self.progress.step}, epoch {self.progress.epoch})")
-        else:
-            t = self.train_data
-            self.ctx.logger.line(
-                f"resumed from {tag} (step {self.progress.step}, epoch {self.progress.epoch}) saved on "
-                f"{saved_world} ranks, now {self.world_size}: loaded its universal form {load_tag} (optimizer "
-                f"state, LR schedule, data position kept); global batch {t.global_batch_size} = micro "
-                f"{t.micro_batch_size} x accumulation {t.accumulation} x {self.world_size} ranks")
-
-    def _universal_tag(self, tag: str, saved_world: int) -> str:
-        """Convert ``tag`` to DeepSpeed's universal form (rank 0, once; every rank learns the outcome) and
-        have the engine load that form."""
-        error = None
-        if self.rank == 0:
-            try:
-                ckpt.convert_to_universal(self.root, tag, saved_world)
-            except ckpt.ResumeError as exc:
-                error = str(exc)
-        outcome = [error]
-        dist.broadcast_object_list(outcome, src=0)
-        if outcome[0] is not None:
-            raise ckpt.ResumeError(outcome[0])
-        # DeepSpeed reads its checkpoint.load_universal setting when loading, from the engine's config.
-        self.engine._config.load_universal_checkpoint = True
-        return ckpt.universal_folder(self.root, tag).name
-
-    def _check_resumable(self, tag: str, state: dict) -> None:
-        saved_batch, batch = state.get("global_batch_size"), self.train_data.global_batch_size
-        if state["world_size"] != self.world_size and saved_batch != batch:
-            # The data position counts whole global batches: another size would skip or repeat sequences.
-            raise ckpt.ResumeError(
-                f"{self.root / tag} was saved on {state['world_size']} data-parallel ranks with global batch "
-                f"{saved_batch}, but this run has {self.world_size} ranks x micro "
-                f"{self.train_data.micro_batch_size} x accumulation {self.train_data.accumulation} = {batch}; "
-                f"set train.global_batch_size: {saved_batch} (micro-batch and accumulation then adapt), or "
-                f"start a new output_dir")
-        saved_groups = state.get("optimizer_param_groups")  # absent before it was recorded: built to match
-        groups = len(self.engine.optimizer.param_groups)
-        if saved_groups is not None and saved_groups != groups:  # one group saved (weight decay 0), and weight decay is set now
-            raise ckpt.ResumeError(
-                f"{self.root / tag} holds optimizer state for {saved_groups} parameter group (saved with "
-                f"train.weight_decay {state.get('weight_decay')}) but train.weight_decay "
-                f"{self.ctx.train.weight_decay} needs {groups} (decay, and none for biases and norms); resume "
-                f"with train.weight_decay: {state.get('weight_decay')}, or start a new output_dir")
-        if state["manifest_cache_key"] != self.ctx.manifest.get("cache_key"):
-            raise ckpt.ResumeError(
-                f"{self.root / tag} was trained on different prepared data (manifest cache_key changed); the "
-                f"saved data position would be meaningless. Use a new output_dir, or prepare the old data again")
-        if state["config_hash"] != self.ctx.config_hash:
-            self.ctx.logger.line(f"warning: the config differs from the one {tag} was saved with; continuing "
-                                 f"with the new one")
+        progress = self.checkpoints.resume()
+        if progress is not None:
+            self.progress, self._saved_step = progress, progress.step
 
     # ------------------------------------------------------------------ helpers
 
@@ -494,14 +291,6 @@ class Driver:
             return None
         norms = [p.grad.detach().float().norm() for p in self.engine.module.parameters() if p.grad is not None]
         return torch.linalg.vector_norm(torch.stack(norms)) if norms else None
-
-    def _probe_ids(self) -> Optional[torch.Tensor]:
-        seqs = first_sequences(self.ctx.data_dir, self.ctx.manifest, "validation", PROBE_SEQUENCES) or \
-            first_sequences(self.ctx.data_dir, self.ctx.manifest, "train", PROBE_SEQUENCES)
-        if not seqs:
-            return None
-        length = min([PROBE_TOKENS] + [len(s["input_ids"]) for s in seqs])
-        return torch.tensor([list(s["input_ids"][:length]) for s in seqs], dtype=torch.long)
 
     def _logs_step(self, step: int) -> bool:
         return step % self.ctx.log_every_steps == 0 or step == self.total_steps
@@ -532,35 +321,6 @@ class Driver:
         if peak is None:
             return None
         return flops_per_sec / (peak * self.world_size)
-
-    def _log_samples(self) -> None:
-        from training.samples import generate_samples
-
-        count = self.ctx.eval.sample_generations
-        if count < 1:
-            return
-        text = generate_samples(self.engine.module, self.ctx.tokenizer, self.ctx.data_dir, self.ctx.manifest,
-                                count, self.ctx.eval.max_new_tokens, synced=self.zero3_multi_rank(),
-                                device=self.device)
-        self.ctx.logger.text("samples/validation", text, self.progress.step)
-
-    def zero3_multi_rank(self) -> bool:
-        return self.ctx.zero_stage == 3 and self.world_size > 1
-
-    def _write_results(self, final_loss, test_loss, tested_tag) -> None:
-        if self.rank != 0:
-            return
-        p = self.progress
-        results = {"steps": p.step, "total_steps": self.total_steps, "stopped_early": p.stopped_early,
-                   "final_eval_loss": final_loss,
-                   "final_eval_perplexity": perplexity(final_loss) if final_loss is not None else None,
-                   "best_eval_loss": p.best_eval_loss, "best_tag": p.best_tag,
-                   "test_loss": test_loss,
-                   "test_perplexity": perplexity(test_loss) if test_loss is not None else None,
-                   "test_weights_tag": tested_tag}
-        path = self.ctx.output_dir / "results.json"
-        path.write_text(json.dumps(results, indent=2, allow_nan=True), encoding="utf-8")
-
 
 @dataclass
 class _PendingStep:

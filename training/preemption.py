@@ -14,6 +14,14 @@ from training import PREEMPTED_EXIT_CODE  # noqa: F401  (re-exported: 85, "preem
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
+class Preempted(Exception):
+    """The ranks agreed to stop; ``rng_state`` is what the checkpoint must hold for an exact resume."""
+
+    def __init__(self, rng_state: dict):
+        super().__init__("preempted")
+        self.rng_state = rng_state
+
+
 class PreemptionFlag:
     """Set by SIGUSR1/SIGTERM; ``requested`` is read by the driver at each step boundary."""
 

@@ -386,6 +386,24 @@ def test_resume_one_rank_on_two(deepspeed_bin, one_rank_reference, tmp_path, sta
     _assert_second_half_close(one_rank_reference(stage), run)
 
 
+def test_resume_two_ranks_on_one_with_the_optimizer_offloaded(deepspeed_bin, tiny_model_dir, prepared, reference,
+                                                              tmp_path):
+    """ZeRO-3 with optimizer and parameters offloaded to the CPU (the shipped zero3_offload.json): saved on
+    2 ranks, resumed on 1 through the universal form. Offloading moves where Adam steps, not what it
+    computes, so both halves also match the ZeRO-3 run without offload."""
+    saved = tmp_path / "offload"
+    check(launch(deepspeed_bin, run_config(tiny_model_dir, prepared, saved, stage=3,
+                                           deepspeed={"config": "zero3_offload.json"})))
+    zero = json.loads((saved / "ds_config.json").read_text())["zero_optimization"]
+    assert zero["offload_optimizer"]["device"] == zero["offload_param"]["device"] == "cpu"
+    (tmp_path / "resumed").mkdir()
+    proc, run = _resume_on(deepspeed_bin, saved, tmp_path / "resumed", ranks=1)
+    check(proc)
+    assert f"saved on 2 ranks, now 1: loaded its universal form step-{HALF:08d}-universal" in proc.stdout
+    _assert_second_half_close(saved, run)
+    _assert_second_half_close(reference(3), run)
+
+
 def test_resume_two_ranks_on_three_where_the_global_batch_divides(deepspeed_bin, tiny_model_dir, prepared,
                                                                   tmp_path):
     """Global batch 12: micro 2 x accumulation 3 x 2 ranks, then micro 2 x accumulation 2 x 3 ranks (the
