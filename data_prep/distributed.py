@@ -182,6 +182,8 @@ def run_unit(cfg, docs, split_ids: np.ndarray, templater, sources, units_root: P
 
 
 def _pack_unit(cfg, docs, split_ids, templater, sources, tmp: Path, unit: int, fingerprint: str, release) -> dict:
+    if not len(docs):  # more units than documents: datasets maps an empty table to one without columns
+        return _empty_unit(tmp, unit)
     tok = _tokenize(cfg, docs, templater, sources, tmp / "_cache", f"{fingerprint}-{unit}", release)
     final = equals(tok, "_drop2", "")
     lengths, truncated = column(tok, "n_tokens").astype(np.int64), column(tok, "truncated").astype(bool)
@@ -199,6 +201,15 @@ def _pack_unit(cfg, docs, split_ids, templater, sources, tmp: Path, unit: int, f
              pprefix=column(docs, "_pprefix").astype(np.int64),
              nhash=column(docs, "_nhash").astype(np.int64)[final], src=column(docs, "_src").astype(np.int64)[final])
     return {"unit": unit, "special_text_rows": int(column(tok, "special_text").astype(bool).sum()), "splits": splits}
+
+
+def _empty_unit(tmp: Path, unit: int) -> dict:
+    """A unit that received no document: zero counts, no shard, empty report arrays."""
+    np.savez(tmp / "arrays.npz", **{k: np.zeros(0, dtype=np.int8 if k == "split" else np.int64)
+                                    for k in ("raw_lengths", "phash", "split", "pprefix", "nhash", "src")})
+    counts = dict.fromkeys(("documents", "tokens", "truncated_documents", "too_long", "no_supervised_tokens",
+                            "sequences", "supervised_tokens"), 0)
+    return {"unit": unit, "special_text_rows": 0, "splits": {name: {**counts, "shard": None} for name in SPLITS}}
 
 
 def _write_unit_shard(cfg, tok, tmp: Path, split: str, doc_idx: np.ndarray, lengths: np.ndarray, unit: int,

@@ -164,3 +164,14 @@ def test_a_failing_unit_names_itself_and_the_row_and_keeps_the_finished_units(ti
         finish_step(cfg, str(tiny_model_dir))
     assert not Path(cfg.output_dir).exists()
     shutil.rmtree(work_root(Path(cfg.output_dir)))
+
+
+def test_more_units_than_documents(tiny_model_dir, tmp_path):
+    rows = [{"question": f"What is {c}?", "answer": f"It is {c}."} for c in "abc"]
+    cfg = _cfg(write_csv(tmp_path / "qa.csv", rows), tmp_path / "prepared", num_shards=8, validation_fraction=0.0,
+               test_fraction=0.0)
+    manifest = prepare_distributed(cfg, str(tiny_model_dir))
+    train = manifest["splits"]["train"]
+    assert train["documents"] == 3 and 1 <= len(train["shards"]) <= 3
+    assert sum(s["sequences"] for s in train["shards"]) == train["sequences"]
+    verify_shards(cfg.output_dir)
