@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -62,6 +63,8 @@ def time_job(cluster, config: Path, nodes: int) -> float:
         time.sleep(0.2)
     if state != "COMPLETED":
         raise SystemExit(f"job {job} ended {state}; see {config.parent}")
+    log = (config.parent / "prepared.slurm" / f"zerotune-prep-{job}.out").read_text(errors="replace")
+    print(f"{nodes} node(s): " + "; ".join(re.findall(r"(\w+ step [\d.]+ s)", log)), flush=True)
     return time.perf_counter() - t0
 
 

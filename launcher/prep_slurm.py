@@ -13,6 +13,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from launcher.slurm import REPO_ROOT, SlurmError, sbatch, slurm_present, time_to_seconds
@@ -101,14 +102,17 @@ def run_in_allocation(args, cfg) -> int:
         raise SlurmError("--srun runs inside a SLURM allocation (sbatch or salloc); from a login node use "
                          "`zerotune prep CONFIG --slurm --nodes N`")
     model, revision = cfg.model.name_or_path, cfg.model.revision
+    t0 = time.monotonic()
     if distributed.split_step(cfg.data, model, revision, args.force) is None:
         return 0
     cmd = srun_argv(args, os.environ)
-    print(f"zerotune prep: units over srun: {shlex.join(cmd)}", flush=True)
+    print(f"zerotune prep: split step {time.monotonic() - t0:.1f} s; units over srun: {shlex.join(cmd)}", flush=True)
+    t1 = time.monotonic()
     rc = subprocess.run(cmd).returncode
-    if rc:
-        print(f"zerotune prep: srun ended with exit code {rc}", flush=True)
+    print(f"zerotune prep: units step {time.monotonic() - t1:.1f} s (srun exit code {rc})", flush=True)
+    t2 = time.monotonic()
     distributed.finish_step(cfg.data, model, revision)
+    print(f"zerotune prep: finish step {time.monotonic() - t2:.1f} s", flush=True)
     return 0
 
 
