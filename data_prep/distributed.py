@@ -15,7 +15,7 @@ The output depends on the inputs and settings only: documents go to units by has
 on its own, so 1 worker and N workers write the same bytes. The layout (one packed shard per unit) is part
 of the cache key, so it never passes for a single-process prep's output or the reverse.
 
-At scale: the split step holds 8 bytes per row for dedup and 5 per kept document for the unit and split
+At scale: the split step holds 8 bytes per row for dedup and 13 per kept document for the unit, split and order
 arrays; each worker holds one unit's tokenized batch at a time (the stages stream through datasets on
 disk); the finish step holds the report's per-document arrays (about 40 bytes per document) and copies no
 shard bytes (hard links on the same filesystem).
@@ -103,14 +103,17 @@ def _split_into(cfg, tokenizer, key_parts: dict, cache_key: str, tmp: Path) -> d
     kept = _drop_clean_rows(ds, split_ids, drops)
     if not len(kept):
         raise _empty_data_error(drops, rows_read)
-    docs = ds.select(kept)
-    docs.save_to_disk(str(tmp / "docs"))
-    np.save(tmp / "unit.npy", unit_of(column(docs, "_hash"), cfg.num_shards))
-    np.save(tmp / "split.npy", split_ids[kept])
+    units = unit_of(column(ds, "_hash")[kept], cfg.num_shards)
+    # Saved unit after unit (stable: global order inside a unit), so a worker reads its units as contiguous
+    # slices of the file instead of rows scattered over all of it.
+    order = np.argsort(units, kind="stable")
+    ds.select(kept[order]).save_to_disk(str(tmp / "docs"))
+    np.save(tmp / "unit.npy", units[order])
+    np.save(tmp / "split.npy", split_ids[kept][order])
     facts = {"cache_key": cache_key, "key_parts": key_parts, "num_units": cfg.num_shards, "kinds": kinds,
              "rows_read": rows_read, "drops": drops,
              "sources": _source_counts(ds, np.zeros(0, dtype=np.int32), sources, kinds)}
-    del ds, docs
+    del ds
     shutil.rmtree(tmp / "_cache", ignore_errors=True)
     (tmp / SPLIT_DONE_FILE).write_text(json.dumps(facts), encoding="utf-8")  # last: the split is complete
     return facts
@@ -154,11 +157,12 @@ def units_step(cfg, tokenizer_path: str, worker: int = 0, workers: int = 1, revi
     (root / "units").mkdir(exist_ok=True)
     for u in mine:
         rows = np.flatnonzero(units == u)
+        unit_docs = docs.select(range(int(rows[0]), int(rows[-1]) + 1) if len(rows) else [])  # contiguous
         try:
-            run_unit(cfg, docs.select(rows), split_ids[rows], templater, sources, root / "units", u,
+            run_unit(cfg, unit_docs, split_ids[rows], templater, sources, root / "units", u,
                      facts["cache_key"][:16])
         except DataError as exc:
-            names = sorted({sources[s].path.name for s in np.unique(column(docs.select(rows), "_src")).tolist()})
+            names = sorted({sources[s].path.name for s in np.unique(column(unit_docs, "_src")).tolist()})
             raise DataError(f"prep unit {u} of {num_units} ({len(rows)} documents from {', '.join(names)}) failed: "
                             f"{exc}. Units finished so far are kept: fix this and run the same prep again") from None
         print(f"zerotune prep: unit {u} of {num_units} done ({len(rows)} documents, worker {worker} of {workers})")
