@@ -1,8 +1,9 @@
 """Distributed prep on the local two-node SLURM cluster: wall time against one process, checksums, and the
 packing efficiency given up by packing each hash unit on its own.
 
-Run by hand, as root, under the cluster lock (not a test):
-    flock /tmp/zt-cluster.lock python benchmarks/prep_slurm_bench.py [--scale 20] [--units 4] [--seq-len 512]
+Run by hand, as root (not a test); it starts the local two-node cluster of tests/e2e/slurm_cluster.py, so
+nothing else may start one at the same time:
+    python benchmarks/prep_slurm_bench.py [--scale 20] [--units 4] [--seq-len 512]
 
 Cases, on the bundled sample enlarged ``--scale`` times (prep_bench.enlarge), each a fresh output folder:
   * global: `zerotune prep CONFIG`, one process, one best-fit packer per split (the single-process layout);
