@@ -128,12 +128,13 @@ def main() -> None:
         print(f"{rows} rows ({args.scale}x), seq_len {args.seq_len}, {args.units} units; "
               f"{sum(s['tokens'] for s in manifests['global']['splits'].values())} tokens")
         for name, secs in seconds.items():
-            m = manifests[name]
-            effs = " ".join(f"{k} {v['packing_efficiency']:.4f} ({v['sequences']} seqs)" for k, v in m["splits"].items())
+            effs = " ".join(f"{k} {v['packing_efficiency']:.4f} ({v['sequences']} seqs)"
+                            for k, v in manifests[name]["splits"].items())
             print(f"{name:<8} {secs:7.1f} s  ({secs / seconds['global']:.2f}x global)  packing: {effs}")
+        checksums1 = [s["sha256"] for split in manifests["nodes1"]["splits"].values() for s in split["shards"]]
         print(f"1 node vs 2 nodes: manifests equal (but time and folder): {same}; shard checksums equal: "
-              f"{checksums == [s['sha256'] for split in manifests['nodes1']['splits'].values() for s in split['shards']]}"
-              f" ({len(checksums)} shards); 2 nodes / 1 node wall: {seconds['nodes2'] / seconds['nodes1']:.2f}")
+              f"{checksums == checksums1} ({len(checksums)} shards); 2 nodes / 1 node wall: "
+              f"{seconds['nodes2'] / seconds['nodes1']:.2f}")
         lengths = train_lengths(outs["global"], manifests["global"])
         for units, per_unit, g, u in unit_packing_cost(lengths, args.seq_len):
             print(f"re-pack of the {len(lengths)} train documents into {units:>3} random units "

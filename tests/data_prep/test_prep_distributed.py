@@ -20,7 +20,7 @@ from data_prep.config import DataConfig
 from data_prep.distributed import (LAYOUT, finish_step, prepare_distributed, split_step, units_step,
                                    work_root)
 from data_prep.errors import DataError
-from data_prep.format import SPLITS, Shard, load_manifest, verify_shards
+from data_prep.format import SPLITS, Shard, verify_shards
 from data_prep.pipeline import prepare
 from data_prep.units import missing_units, unit_of, units_of_worker
 
@@ -152,8 +152,9 @@ def test_a_failing_unit_names_itself_and_the_row_and_keeps_the_finished_units(ti
     path = write_csv(tmp_path / "qa.csv", rows)
     cfg = _cfg(path, tmp_path / "prepared", excess_length="error")
     split_step(cfg, str(tiny_model_dir))
-    with pytest.raises(DataError, match=r"prep unit (\d) of 4 \(\d+ documents from qa\.csv\) failed: \S*qa\.csv: data "
-                                        r"row 41 .*more than data\.seq_len 256.*Units finished so far are kept") as info:
+    pattern = (r"prep unit (\d) of 4 \(\d+ documents from qa\.csv\) failed: \S*qa\.csv: data row 41 .*more than "
+               r"data\.seq_len 256.*Units finished so far are kept")
+    with pytest.raises(DataError, match=pattern) as info:
         units_step(cfg, str(tiny_model_dir))
     assert info.value.user_error
     bad_unit = int(re.search(r"prep unit (\d)", str(info.value)).group(1))

@@ -18,7 +18,8 @@ from data_prep.distributed import prepare_distributed, work_root
 from slurm_cluster import slurm_cluster  # noqa: F401 - session fixture
 from training.config import config_from_dict
 
-_spec = importlib.util.spec_from_file_location("launcher_test_runs", Path(__file__).parent.parent / "launcher" / "runs.py")
+_spec = importlib.util.spec_from_file_location("launcher_test_runs",
+                                               Path(__file__).parent.parent / "launcher" / "runs.py")
 runs = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(runs)
 
