@@ -34,6 +34,7 @@ from training.config import CheckpointConfig, EvalConfig, TrainConfig
 from training.data import Collator, RankSequences, TrainBatches, eval_batches, first_sequences
 from training.engine import reapply_optimizer_settings
 from training.preemption import PREEMPTED_EXIT_CODE, PreemptionFlag
+from training.sequence_parallel import check_resume_size, local_supervised_tokens, placement
 from training.tb import (MetricsLogger, memory_gb, peak_flops_per_device, perplexity, squared_document_tokens,
                          training_flops)
 
@@ -101,6 +102,7 @@ class Driver:
         self.engine, self.loop, self.ctx = engine, loop, ctx
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.device = engine.device  # the compute device (parameters may be offloaded to the CPU)
+        self.sp = placement(engine.module)  # a sequence-parallel group reads one data-parallel rank's batches
         t, e = ctx.train, ctx.eval
         pad_id = ctx.tokenizer.pad_token_id if ctx.tokenizer.pad_token_id is not None else 0
         pad_to = ctx.manifest["seq_len"] if t.pad_to == "seq_len" else None
@@ -108,7 +110,7 @@ class Driver:
         # Every rank opens the whole training split: the order is global, each step deals out its share.
         self.train_data = TrainBatches(
             RankSequences.open(ctx.data_dir, ctx.manifest, "train", rank=0, world_size=1), self.collator,
-            t.micro_batch_size, t.gradient_accumulation_steps, self.world_size, self.rank, t.seed)
+            t.micro_batch_size, t.gradient_accumulation_steps, self.sp.dp_size, self.sp.dp_rank, t.seed)
         self.eval_micro = e.micro_batch_size or t.micro_batch_size
         self.total_steps = total_steps
         self.progress = Progress()
@@ -145,9 +147,10 @@ class Driver:
         batches = [self.loop.prepare_batch(b) for b in
                    self.train_data.step_batches(self.progress.epoch, self.progress.step_in_epoch)]
         data_wait = time.perf_counter() - t0
-        counts = [self.loop.count_tokens(b) for b in batches]
-        real = sum(int(b["attention_mask"].sum()) for b in batches)
-        flops = sum(self._useful_flops(b) for b in batches)
+        counts = [self.loop.count_tokens(b) for b in batches] if not self.sp.active else \
+            [local_supervised_tokens(b, self.sp.size, self.sp.rank) for b in batches]  # this rank's slices
+        real = sum(int(b["attention_mask"].sum()) for b in batches) / self.sp.size
+        flops = sum(self._useful_flops(b) for b in batches) / self.sp.size
         global_count, global_real, global_flops, preempted = self._reduce_step_start(
             float(sum(counts)), float(real), flops)
         if preempted:
@@ -280,7 +283,7 @@ class Driver:
     def _evaluate(self, split: str, rng_state: dict) -> Optional[float]:
         """Mean loss over ``split`` on all ranks (None when the split is empty). Raises _Preempted (carrying
         ``rng_state``) as soon as any rank is asked to stop, checked before every batch."""
-        seqs = RankSequences.open(self.ctx.data_dir, self.ctx.manifest, split, self.rank, self.world_size)
+        seqs = RankSequences.open(self.ctx.data_dir, self.ctx.manifest, split, self.sp.dp_rank, self.sp.dp_size)
         if len(seqs) == 0:
             return None
         self._beat("eval", step=self.progress.step)
@@ -367,6 +370,7 @@ class Driver:
                  "global_batch_size": self.train_data.global_batch_size,
                  "sequences_consumed_in_epoch": p.step_in_epoch * self.train_data.global_batch_size,
                  "optimizer_param_groups": len(self.engine.optimizer.param_groups),
+                 "sequence_parallel_size": self.sp.size,
                  "weight_decay": self.ctx.train.weight_decay}
         self.engine.save_checkpoint(str(self.root), tag=tag, client_state={"zerotune": state}, save_latest=False)
         ckpt.save_rng_state(folder / f"rng-rank{self.rank}.safetensors", rng_state)
@@ -447,6 +451,7 @@ class Driver:
 
     def _check_resumable(self, tag: str, state: dict) -> None:
         saved_batch, batch = state.get("global_batch_size"), self.train_data.global_batch_size
+        check_resume_size(self.root / tag, state, self.sp.size, batch)
         if state["world_size"] != self.world_size and saved_batch != batch:
             # The data position counts whole global batches: another size would skip or repeat sequences.
             raise ckpt.ResumeError(

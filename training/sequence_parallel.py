@@ -107,6 +107,12 @@ def setup(size: int) -> SequenceParallel:
     return SequenceParallel(size, rank % size, mine, rank // size, world // size)
 
 
+def placement(model) -> SequenceParallel:
+    """This rank's SequenceParallel from the model (see setup), or size 1 (every rank data-parallel)."""
+    sp = getattr(getattr(model, "module", model), "_zerotune_sequence_parallel", None)
+    return sp if sp is not None else SequenceParallel(1, 0, None, dist.get_rank(), dist.get_world_size())
+
+
 def of_model(model) -> Optional[SequenceParallel]:
     """The SequenceParallel attached to a model (bare or wrapped by the DeepSpeed engine), if any."""
     sp = getattr(getattr(model, "module", model), "_zerotune_sequence_parallel", None)
@@ -198,3 +204,23 @@ def attention(kernel_fn, query, key, value, sp: SequenceParallel):
     rank's heads, from and back to this rank's slice of the sequence with all heads."""
     out, _ = kernel_fn(heads_to_sequence(query, sp), heads_to_sequence(key, sp), heads_to_sequence(value, sp))
     return sequence_to_heads(out, sp), None
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def check_resume_size(folder, state: dict, size: int, global_batch_size: int) -> None:
+    """Refuse to resume a checkpoint saved with another ``train.sequence_parallel_size`` unless the global
+    batch is the same. ZeRO spans every rank whatever the size, so the saved states load as they are (or
+    through the universal form when the world size changed too); only the data position, counted in
+    global batches, must keep its meaning. Checkpoints from before the size was recorded were saved with 1."""
+    from training.checkpoint import ResumeError
+
+    saved = state.get("sequence_parallel_size", 1)
+    saved_batch = state.get("global_batch_size")
+    if saved != size and saved_batch != global_batch_size:
+        raise ResumeError(
+            f"{folder} was saved with train.sequence_parallel_size {saved} and global batch {saved_batch}, but this "
+            f"run has train.sequence_parallel_size {size} and global batch {global_batch_size}; set "
+            f"train.global_batch_size: {saved_batch} (or train.sequence_parallel_size: {saved}), or start a new "
+            f"output_dir")

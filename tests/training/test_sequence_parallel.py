@@ -131,3 +131,16 @@ def test_control_dropping_document_bounds_after_the_split_leaks(two_rank_results
     """The equivalence test would catch a split that lets documents see each other across it."""
     r = two_rank_results["control"]
     assert abs(r["loss"] - r["reference_loss"]) > 100 * TOLERANCE
+
+
+def test_resume_with_another_size_needs_the_same_global_batch(tmp_path):
+    from training.checkpoint import ResumeError
+    from training.sequence_parallel import check_resume_size
+
+    state = {"sequence_parallel_size": 2, "global_batch_size": 8}
+    check_resume_size(tmp_path, state, 2, 8)
+    check_resume_size(tmp_path, state, 1, 8)  # same global batch: the data position keeps its meaning
+    with pytest.raises(ResumeError, match="saved with train.sequence_parallel_size 2 and global batch 8, but this "
+                                          "run has train.sequence_parallel_size 1 and global batch 16"):
+        check_resume_size(tmp_path, state, 1, 16)
+    check_resume_size(tmp_path, {"global_batch_size": 8}, 1, 16)  # saved before SP existed, size 1 both times
