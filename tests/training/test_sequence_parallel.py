@@ -144,3 +144,16 @@ def test_resume_with_another_size_needs_the_same_global_batch(tmp_path):
                                           "run has train.sequence_parallel_size 1 and global batch 16"):
         check_resume_size(tmp_path, state, 1, 16)
     check_resume_size(tmp_path, {"global_batch_size": 8}, 1, 16)  # saved before SP existed, size 1 both times
+
+
+def test_train_refuses_a_size_that_does_not_divide_the_models_kv_heads(tiny_model_dir):
+    """Checked by training.train.validate_inputs from config.json, before any process group starts."""
+    from training.config import RunConfig
+    from training.train import check_sequence_parallel
+
+    cfg = RunConfig()
+    cfg.model.name_or_path = str(tiny_model_dir)  # 2 attention heads, 1 KV head
+    cfg.train.sequence_parallel_size = 2
+    with pytest.raises(SequenceParallelError, match="sequence_parallel_size 2 does not divide the model's 1 KV heads"):
+        check_sequence_parallel(cfg, "sdpa")
+    assert getattr(SequenceParallelError, "user_error", False)  # train.main prints it as one line, exit 2
