@@ -1,5 +1,6 @@
 """train.sequence_parallel_size 2 on 2 gloo ranks through the real `deepspeed` launcher, against the same global
-batch on one rank: the whole loss curve under ZeRO-2 and ZeRO-3, and an exact resume.
+batch on one rank: the whole loss curve under ZeRO-2 and ZeRO-3 (with activation checkpointing), and an exact
+resume.
 
 Both ranks of the group read the one data-parallel rank's micro-batches (micro 2 x accumulation 2), exactly
 what the single rank reads, so the runs differ only in where each token's work is done: fp32, losses within
@@ -38,9 +39,12 @@ def sp_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
 
 
 def _config(model_dir: Path, data_dir: Path, out: Path, stage: int, sequence_parallel: int) -> dict:
+    # The ZeRO-3 split run also checkpoints every layer: its backward recomputes the forward's all-to-alls.
+    checkpointing = "full" if stage == 3 and sequence_parallel > 1 else "none"
     return run_config(model_dir, data_dir, out, stage,
                       train={"sequence_parallel_size": sequence_parallel},
-                      model={"attn_implementation": "sdpa"}, eval={"sample_generations": 0})
+                      model={"attn_implementation": "sdpa", "gradient_checkpointing": checkpointing},
+                      eval={"sample_generations": 0})
 
 
 @pytest.fixture(scope="module")
