@@ -8,8 +8,11 @@ holding half of it each. The model is a small random-init Llama (hidden 256, 4 l
 32,000-token vocabulary, chunked loss of 1,024 tokens), the micro-batch one row of ``tokens`` tokens packed
 from ``doc_tokens``-token documents, the step forward + backward through ``training.model.packed_loss``
 (no DeepSpeed: ZeRO changes the model states, not the activations measured here). Per rank it prints the
-RSS before the step, the peak, and the step's own memory (the difference), and `zerotune plan`'s activation
-+ logits estimate for the same shape (launcher.plan), then the SP=2 / SP=1 ratios.
+RSS before the step, the peak, and the step's own memory (the difference); the activations saved for
+backward (every distinct tensor storage autograd keeps, parameters excluded, counted through
+``torch.autograd.graph.saved_tensors_hooks``: exact, where RSS also holds allocator slack and transients);
+and `zerotune plan`'s activation + logits estimate for the same shape (launcher.plan); then the SP=2 / SP=1
+ratios.
 """
 
 from __future__ import annotations
@@ -57,14 +60,33 @@ def _step(rank: int, size: int, tokens: int, doc_tokens: int, dtype_name: str, s
     packed_loss(model, short, CHUNK)[0].backward()
     dist.barrier()
     before = psutil.Process().memory_info().rss
-    loss, count = packed_loss(model, batch, CHUNK)
+    saved = saved_activations(model)
+    with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
+        loss, count = packed_loss(model, batch, CHUNK)
     loss.backward()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     figures = {"rank": rank, "rss_before_mib": before / MIB, "peak_mib": peak / MIB,
-               "step_mib": (peak - before) / MIB, "loss_sum": float(loss.detach()), "tokens_scored": int(count)}
+               "step_mib": (peak - before) / MIB, "saved_mib": saved.nbytes() / MIB, "loss_sum": float(loss.detach()), "tokens_scored": int(count)}
     Path(f"{out}.{rank}").write_text(json.dumps(figures), encoding="utf-8")
     dist.barrier()
     dist.destroy_process_group()
+
+
+class saved_activations:  # noqa: N801 - used like a function
+    """Counts the distinct storages autograd saves for backward (parameters excluded)."""
+
+    def __init__(self, model):
+        self.params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.sizes: dict[int, int] = {}
+
+    def pack(self, tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in self.params:
+            self.sizes[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    def nbytes(self) -> int:
+        return sum(self.sizes.values())
 
 
 def run_case(size: int, tokens: int, doc_tokens: int, dtype_name: str) -> list[dict]:
@@ -99,14 +121,17 @@ def main() -> None:
         ranks = run_case(size, args.tokens, args.doc_tokens, args.dtype)
         worst = max(ranks, key=lambda r: r["step_mib"])
         results[size] = {"ranks": ranks, "step_mib_max_rank": worst["step_mib"], "peak_mib_max_rank": worst["peak_mib"],
+                         "saved_mib_max_rank": max(r["saved_mib"] for r in ranks),
                          "plan_activations_logits_mib": planned_mib(args.tokens, size, args.dtype),
                          "loss_sum_all_ranks": sum(r["loss_sum"] for r in ranks)}
         print(f"SP={size}: " + "; ".join(f"rank {r['rank']} before {r['rss_before_mib']:.0f} MiB, peak "
-                                         f"{r['peak_mib']:.0f} MiB, step {r['step_mib']:.0f} MiB" for r in ranks)
+                                         f"{r['peak_mib']:.0f} MiB, step {r['step_mib']:.0f} MiB, saved for backward "
+                                         f"{r['saved_mib']:.0f} MiB" for r in ranks)
               + f"; plan {results[size]['plan_activations_logits_mib']:.0f} MiB", flush=True)
     one, two = results[1], results[2]
     print(json.dumps({"tokens": args.tokens, "doc_tokens": args.doc_tokens, "dtype": args.dtype,
                       "step_ratio_sp2_over_sp1": two["step_mib_max_rank"] / one["step_mib_max_rank"],
+                      "saved_ratio_sp2_over_sp1": two["saved_mib_max_rank"] / one["saved_mib_max_rank"],
                       "peak_ratio_sp2_over_sp1": two["peak_mib_max_rank"] / one["peak_mib_max_rank"],
                       "plan_ratio_sp2_over_sp1": two["plan_activations_logits_mib"] / one["plan_activations_logits_mib"],
                       "loss_sum_sp1": one["loss_sum_all_ranks"], "loss_sum_sp2": two["loss_sum_all_ranks"]}, indent=2))
