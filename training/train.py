@@ -174,8 +174,10 @@ def build_driver(cfg: RunConfig, manifest: dict, tokenizer):
     loop = get_loop(cfg.train.loop)(tokenizer=tokenizer)
     loop.loss_chunk_tokens = cfg.train.loss_chunk_tokens
     logger = MetricsLogger(cfg.tensorboard_dir(), Path(cfg.output_dir) / "metrics.jsonl", enabled=rank == 0)
+    sp = cfg.train.sequence_parallel_size
     logger.line(f"{choose_attention(cfg.model.attn_implementation).describe()} | loss: "
-                f"{describe_loss(cfg.train.loss_chunk_tokens)}")
+                f"{describe_loss(cfg.train.loss_chunk_tokens)}"
+                f"{f' | sequence parallel: groups of {sp} ranks' if sp > 1 else ''}")
     sequence_parallel = setup_sequence_parallel(cfg.train.sequence_parallel_size)  # a collective, before ZeRO-3
     model = load_model(cfg.model, cfg.train.precision, ds_config)
     model._zerotune_sequence_parallel = sequence_parallel

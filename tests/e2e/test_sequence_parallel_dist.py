@@ -84,7 +84,7 @@ def test_sequence_parallel_resume_is_exact(deepspeed_bin, runs, tmp_path):
     run = _copy_until_half(ref, tmp_path / "run", latest=f"step-{HALF:08d}")
     cfg = {**yaml.safe_load((ref.parent / f"{ref.name}.yaml").read_text()), "output_dir": str(run)}
     proc = check(launch(deepspeed_bin, cfg, ranks=2))
-    assert f"resumed from step-{HALF:08d}" in proc.stdout
+    assert f"resumed from step-{HALF:08d}" in proc.stdout and "sequence parallel: groups of 2 ranks" in proc.stdout
     want, got = train_losses(ref), train_losses(run)
     assert min(got) == HALF + 1
     for step in range(HALF + 1, STEPS + 1):
