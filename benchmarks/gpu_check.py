@@ -13,7 +13,10 @@ case: tokens/s and MFU (the driver's train/ scalars, median over the steps after
 this GPU's memory), with the ratio. Cases: attention auto / flex_attention / sdpa with the chunked loss
 and auto with the plain loss at ZeRO-2; auto (chunked and plain) at ZeRO-3. Targets (issue): MFU >= 45%
 at ZeRO-2 (auto, chunked); ZeRO-3 tokens/s within 10% of ZeRO-2's; plan within 10% of the measured peak.
-A case past the time budget is recorded as skipped rather than overrunning it. Each run ends with the
+With 2+ GPUs, case ``z3-auto-chunked-sp2`` runs
+the ZeRO-3 case on 2 GPUs as one sequence-parallel group (``train.sequence_parallel_size: 2``, the same global
+batch): its per-GPU peak memory and tokens/s against ``z3-auto-chunked`` (on one GPU it is recorded as "not
+applicable"). A case past the time budget is recorded as skipped rather than overrunning it. Each run ends with the
 driver's final checkpoint (~15 GB for 1B parameters with AdamW states), so run folders go to ``--runs-dir``
 (default: /dev/shm, memory-backed and fast) and are deleted after each case.
 """
@@ -45,6 +48,9 @@ CASES = [("z2-auto-chunked", 2, "auto", 1024), ("z3-auto-chunked", 3, "auto", 10
          ("z2-sdpa-chunked", 2, "sdpa", 1024), ("z2-flex-chunked", 2, "flex_attention", 1024),
          ("z3-auto-plain", 3, "auto", 0)]
 TINY_CASES = [("z2-auto-chunked", 2, "auto", 64), ("z2-auto-plain", 2, "auto", 0), ("z3-auto-chunked", 3, "auto", 64)]
+# Sequence parallelism: (name, stage, attn, chunk, the case it is compared with); needs 2 GPUs (or --tiny: 2 CPU ranks).
+SP_CASE = ("z3-auto-chunked-sp2", 3, "auto", 1024, "z3-auto-chunked")
+SP_SIZE = 2
 WARMUP_STEPS = 4
 
 
@@ -90,7 +96,7 @@ def write_model(path: Path, shape: dict) -> Path:
 
 
 def write_config(path: Path, *, model: Path, data_dir: Path, manifest: dict, out: Path, stage: int, attn: str,
-                 chunk: int, tiny: bool, steps: int) -> Path:
+                 chunk: int, tiny: bool, steps: int, sequence_parallel: int = 1) -> Path:
     import yaml
 
     settings = manifest["settings"]
@@ -103,7 +109,7 @@ def write_config(path: Path, *, model: Path, data_dir: Path, manifest: dict, out
         | {"output_dir": str(data_dir)},
         "train": {"loop": "sft", "max_steps": steps, "micro_batch_size": 4, "gradient_accumulation_steps": 1,
                   "precision": "fp32" if tiny else "bf16", "lr": 1e-5, "warmup_steps": 0,
-                  "loss_chunk_tokens": chunk},
+                  "loss_chunk_tokens": chunk, "sequence_parallel_size": sequence_parallel},
         "eval": {"every_steps": None, "sample_generations": 0, "max_batches": 1},
         "deepspeed": {"config": f"zero{stage}.json", "zero_stage": stage, "timeout_minutes": 10},
         "checkpoint": {"every_steps": None, "keep_best": False, "keep_last": 1},
@@ -114,8 +120,8 @@ def write_config(path: Path, *, model: Path, data_dir: Path, manifest: dict, out
     return path
 
 
-def planned_gb(config: Path) -> dict:
-    """`zerotune plan` for this config on one GPU of this machine's memory: the configured stage's total."""
+def planned_gb(config: Path, gpus: int = 1) -> dict:
+    """`zerotune plan` for this config on ``gpus`` GPUs of this machine's memory: the configured stage's total."""
     import torch
 
     from launcher.plan import make_plan
@@ -123,17 +129,17 @@ def planned_gb(config: Path) -> dict:
 
     cfg = load_config(config)
     memory_gb = torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else 80.0
-    plan = make_plan(cfg, num_nodes=1, gpus_per_node=1, gpu_memory_gb=memory_gb)
+    plan = make_plan(cfg, num_nodes=1, gpus_per_node=gpus, gpu_memory_gb=memory_gb)
     est = next(s for s in plan.stages if s.stage == cfg.deepspeed.zero_stage and not s.offload)
     return {"total_gb": est.total_gb, "model_states_gb": est.model_states_gb, "activations_gb": est.activations_gb,
             "logits_gb": est.logits_gb, "overhead_gb": est.overhead_gb, "attention": plan.step["attention"]}
 
 
-def run_case(config: Path, log: Path, tiny: bool, timeout_s: float) -> tuple[int, str]:
+def run_case(config: Path, log: Path, tiny: bool, timeout_s: float, ranks: int = 1) -> tuple[int, str]:
     env = dict(os.environ, PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false")
     if tiny:
         env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="2")
-    cmd = ["deepspeed", "--num_gpus", "1", "--master_port", str(29600 + os.getpid() % 300),
+    cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(29600 + os.getpid() % 300),
            str(REPO / "training" / "train.py"), "--config", str(config)]
     try:
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s)
@@ -164,12 +170,53 @@ def targets(cases: dict) -> dict:
     mfu = get("z2-auto-chunked", "mfu")
     plan_ratios = {n: c["plan"]["total_gb"] / c["measured"]["peak_memory_gb"]
                    for n, c in cases.items() if c.get("measured") and c["measured"]["peak_memory_gb"]}
-    return {"mfu_z2_at_least_0.45": {"mfu": mfu, "met": mfu is not None and mfu >= 0.45},
+    sp_name, *_, sp_base = SP_CASE
+    sp_peak, base_peak = get(sp_name, "peak_memory_gb"), get(sp_base, "peak_memory_gb")
+    sp = {"peak_per_gpu_sp2_over_one_gpu": sp_peak / base_peak if sp_peak and base_peak else None,
+          "tokens_per_sec_sp2_over_one_gpu": (get(sp_name, "tokens_per_sec") or 0) / z3 if z3 else None,
+          "met": bool(sp_peak and base_peak and sp_peak < base_peak)}
+    if "not_applicable" in (cases.get(sp_name) or {}):
+        sp = {"not_applicable": cases[sp_name]["not_applicable"], "met": None}
+    return {"sp2_peak_per_gpu_below_one_gpu": sp, "mfu_z2_at_least_0.45": {"mfu": mfu, "met": mfu is not None and mfu >= 0.45},
             "z3_within_10pct_of_z2": {"ratio": z3 / z2 if z2 and z3 else None,
                                       "met": bool(z2 and z3 and z3 >= 0.9 * z2)},
             "plan_within_10pct_of_peak": {"plan_over_measured": plan_ratios,
                                           "met": bool(plan_ratios) and all(0.9 <= r <= 1.1
                                                                            for r in plan_ratios.values())}}
+
+
+def _gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def run_one(name: str, stage: int, attn: str, chunk: int, *, model: Path, data_dir: Path, manifest: dict,
+            out: Path, work: Path, args, started: float, ranks: int = 1) -> dict:
+    """One training run on ``ranks`` ranks (``ranks`` > 1: one sequence-parallel group); its case record."""
+    left = args.budget_s - (time.monotonic() - started)
+    if left < 30:
+        return {"skipped": f"time budget ({args.budget_s:.0f} s) spent"}
+    run_dir = args.runs_dir / name
+    shutil.rmtree(run_dir, ignore_errors=True)
+    config = write_config(work / "configs" / f"{name}.yaml", model=model, data_dir=data_dir, manifest=manifest,
+                          out=run_dir, stage=stage, attn=attn, chunk=chunk, tiny=args.tiny, steps=args.steps,
+                          sequence_parallel=ranks)
+    code, text = run_case(config, out / "cases" / f"{name}.log", args.tiny, timeout_s=left, ranks=ranks)
+    case = {"stage": stage, "attn_implementation": attn, "loss_chunk_tokens": chunk, "ranks": ranks,
+            "sequence_parallel_size": ranks, "returncode": code,
+            "first_lines": [ln for ln in text.splitlines() if ln.startswith(("attention:", "engine:"))],
+            "plan": planned_gb(config, gpus=ranks)}
+    if code == 0:
+        case["measured"] = measured(run_dir)
+        shutil.copy(run_dir / "metrics.jsonl", out / "cases" / f"{name}.metrics.jsonl")
+        case["plan_over_measured"] = case["plan"]["total_gb"] / case["measured"]["peak_memory_gb"]
+    else:
+        case["error_tail"] = text[-3000:]
+    shutil.rmtree(run_dir, ignore_errors=True)
+    (out / "cases" / f"{name}.json").write_text(json.dumps(case, indent=2), encoding="utf-8")
+    print(name, json.dumps({k: case.get(k) for k in ("returncode", "measured", "plan_over_measured")}), flush=True)
+    return case
 
 
 def main() -> None:
@@ -195,29 +242,14 @@ def main() -> None:
     data_dir = work / f"data-{seq_len}"
     manifest = prepare_data(csv_path, data_dir, model, seq_len=seq_len, record_type="prompt_response")
     cases = {}
+    common = dict(model=model, data_dir=data_dir, manifest=manifest, out=out, work=work, args=args, started=started)
     for name, stage, attn, chunk in TINY_CASES if args.tiny else CASES:
-        left = args.budget_s - (time.monotonic() - started)
-        if left < 30:
-            cases[name] = {"skipped": f"time budget ({args.budget_s:.0f} s) spent"}
-            continue
-        run_dir = args.runs_dir / name
-        shutil.rmtree(run_dir, ignore_errors=True)
-        config = write_config(work / "configs" / f"{name}.yaml", model=model, data_dir=data_dir, manifest=manifest,
-                              out=run_dir, stage=stage, attn=attn, chunk=chunk, tiny=args.tiny, steps=args.steps)
-        code, text = run_case(config, out / "cases" / f"{name}.log", args.tiny, timeout_s=left)
-        case = {"stage": stage, "attn_implementation": attn, "loss_chunk_tokens": chunk, "returncode": code,
-                "first_lines": [ln for ln in text.splitlines() if ln.startswith(("attention:", "engine:"))],
-                "plan": planned_gb(config)}
-        if code == 0:
-            case["measured"] = measured(run_dir)
-            shutil.copy(run_dir / "metrics.jsonl", out / "cases" / f"{name}.metrics.jsonl")
-            case["plan_over_measured"] = case["plan"]["total_gb"] / case["measured"]["peak_memory_gb"]
-        else:
-            case["error_tail"] = text[-3000:]
-        shutil.rmtree(run_dir, ignore_errors=True)
-        (out / "cases" / f"{name}.json").write_text(json.dumps(case, indent=2), encoding="utf-8")
-        cases[name] = case
-        print(name, json.dumps({k: case.get(k) for k in ("returncode", "measured", "plan_over_measured")}), flush=True)
+        cases[name] = run_one(name, stage, attn, chunk, **common)
+    name, stage, attn, chunk, _ = SP_CASE
+    chunk = 64 if args.tiny else chunk  # as the tiny z3 case it is compared with
+    gpus = 0 if args.tiny else _gpu_count()
+    cases[name] = run_one(name, stage, attn, chunk, ranks=SP_SIZE, **common) if args.tiny or gpus >= SP_SIZE else \
+        {"not_applicable": f"{gpus} GPU(s) here; sequence parallelism {SP_SIZE} needs {SP_SIZE}+"}
     results = {"machine": machine(), "tiny": args.tiny, "seconds": round(time.monotonic() - started, 1),
                "gpu_tests": tests and {k: tests[k] for k in ("returncode", "counts")}, "cases": cases,
                "targets": targets(cases)}

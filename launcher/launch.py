@@ -21,6 +21,7 @@ from pathlib import Path
 from launcher.cluster import Cluster, build_hostfile
 from launcher.slurm import RANK_EXIT_GRACE_S
 from training import PREEMPTED_EXIT_CODE
+from training.steps import data_parallel_size
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TRAIN_SCRIPT = REPO_ROOT / "training" / "train.py"
@@ -168,7 +169,7 @@ def check_data(data_dir: str | Path) -> dict:
 
 
 def assignment_summary(manifest: dict, world_size: int, global_batch_size: int) -> dict:
-    """What each rank reads. Training: the global order (training.data), each step's ``global_batch_size``
+    """What each data-parallel rank (``world_size`` of them; a sequence-parallel group reads as one) reads. Training: the global order (training.data), each step's ``global_batch_size``
     sequences dealt across the ranks; evaluation splits: per rank, the (shard, start, stop) ranges of
     training.data.assign_sequences."""
     from training.data import assign_sequences
@@ -266,9 +267,10 @@ def write_run_dir(cfg, cluster: Cluster, manifest: dict | None, stage_dir: str |
         files.hostfile.write_text(build_hostfile(cluster.hosts), encoding="utf-8")
     if manifest is not None:
         files.assignment = run_dir / "assignment.json"
+        data_parallel = data_parallel_size(cluster.world_size, cfg.train.sequence_parallel_size)
         files.assignment.write_text(json.dumps(assignment_summary(
-            manifest, cluster.world_size,
-            cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps * cluster.world_size)), encoding="utf-8")
+            manifest, data_parallel,
+            cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps * data_parallel)), encoding="utf-8")
     files.ds_config = _write_ds_config(cfg, cluster.world_size, run_dir)
     export = ""
     if is_multi_host(cluster):

@@ -44,7 +44,13 @@ def cmd_launch(args) -> int:
 
 
 def _summary(cfg, cluster, files, stage_dir) -> str:
+    from training.steps import data_parallel_size
+
     hosts = ", ".join(f"{h.name} x{h.slots}" for h in cluster.hosts)
+    sp = cfg.train.sequence_parallel_size
+    data_parallel = data_parallel_size(cluster.world_size, sp)
+    ranks = f"{data_parallel} ranks" if sp == 1 else \
+        f"{data_parallel} data-parallel groups of {sp} sequence-parallel ranks"
     lines = [f"cluster ({cluster.source}): {hosts}; {cluster.world_size} ranks, rendezvous "
              f"{cluster.master_addr}:{cluster.master_port}",
              f"run dir: {files.run_dir} (config.yaml, command.txt, launch.sh"
@@ -52,7 +58,7 @@ def _summary(cfg, cluster, files, stage_dir) -> str:
              f"{', ds_config.json' if files.ds_config else ''}"
              f"{', .deepspeed_env (' + str(len(files.env_file.read_text().splitlines())) + ' variables)' if files.env_file else ''})",
              f"batch: micro {cfg.train.micro_batch_size} x accumulation {cfg.train.gradient_accumulation_steps}"
-             f" x {cluster.world_size} ranks"]
+             f" x {ranks}"]
     if stage_dir:
         lines.append(f"data staged to {stage_dir} and verified against the manifest")
     return "\n".join(lines)

@@ -13,10 +13,14 @@ parameters):
     5*a*s/h term is the attention score matrix, which fused attention (sdpa, flash) does not keep, so it
     is counted only for ``attn_implementation: eager``. With gradient checkpointing a layer keeps only its
     16-bit input (2*s*b*h) and one layer at a time is recomputed in full. fp32 doubles every figure.
+    With ``train.sequence_parallel_size`` S (training/sequence_parallel.py) a rank holds s/S tokens of each
+    row, so every term above uses s/S, and the eager score matrix is a/S heads over all s: 5*a*s^2*b/S.
+    The all-to-alls add, for the one layer in flight, send and receive copies of q, k, v and the attention
+    output: 16*(s/S)*b*h bytes in 16-bit (counted only when S > 1).
   * Logits: with the chunked loss (``train.loss_chunk_tokens`` C > 0; training/loss.py) one chunk of
-    min(C, b*s) tokens at a time: its 16-bit logits, their fp32 copy, the log-softmax and, in backward, the
+    min(C, b*s/S) tokens at a time: its 16-bit logits, their fp32 copy, the log-softmax and, in backward, the
     softmax gradient: 12*C*vocab bytes. With the plain loss (C = 0) b*s*vocab fp32 values and their
-    gradient: 8*b*s*vocab bytes (less than the truth: the 16-bit logits and the saved log-softmax come on top).
+    gradient: 8*b*(s/S)*vocab bytes (less than the truth: the 16-bit logits and the saved log-softmax come on top).
   * Overhead: CUDA context, communication buckets and allocator fragmentation, stated as
     ``OVERHEAD_FIXED_GB`` plus ``OVERHEAD_FRACTION`` of everything else.
   * Time: training.tb.training_flops (the function MFU uses): 6*P FLOPs per trained token (Kaplan et al.
@@ -51,6 +55,10 @@ LOAD_ZERO3_SLACK_GB = 0.2
 # Export holds at most a few copies of the largest tensor at once: the fp32 source, its gather buffer, the
 # converted copy and its read-back (4 + 4 + 2 + 2 bytes per element).
 EXPORT_BYTES_PER_LARGEST_PARAM = 12
+# Send and receive copies of q, k, v and the attention output in one layer's all-to-alls (sequence parallelism).
+ALL_TO_ALL_VALUES_PER_TOKEN_HIDDEN = 8
+# `zerotune plan` reports the longest sequence that fits in multiples of this many tokens.
+SEQ_LEN_STEP = 1024
 # The order `deepspeed.zero_stage: auto` tries: fastest first.
 AUTO_ORDER = ((0, False), (1, False), (2, False), (3, False), (3, True))
 
@@ -89,6 +97,7 @@ class StageEstimate:
     cpu_gb_per_node: float
     fits: bool
     why: str = ""
+    longest_seq_len: int = 0  # the longest sequence that fits at this stage (same batch and SP size)
 
 
 @dataclass
@@ -179,10 +188,11 @@ def model_states_bytes(params: int, largest_layer_params: int, stage: int, offlo
 
 
 def activation_bytes(shape: ModelShape, micro_batch: int, seq_len: int, checkpointing: str,
-                     every_k: int = 2, attn_implementation: str = "sdpa", mixed_precision: bool = True) -> int:
-    """Activation memory of one micro batch (Korthikanti et al. 2022; see module docstring)."""
-    s, b, h, a = seq_len, micro_batch, shape.hidden_size, shape.num_heads
-    per_value = 34 + (5 * a * s / h if attn_implementation == "eager" else 0)
+                     every_k: int = 2, attn_implementation: str = "sdpa", mixed_precision: bool = True,
+                     sequence_parallel: int = 1) -> int:
+    """Activation memory of one micro batch on one rank (Korthikanti et al. 2022; see module docstring)."""
+    s, b, h, a = seq_len / sequence_parallel, micro_batch, shape.hidden_size, shape.num_heads
+    per_value = 34 + (5 * a * seq_len / h if attn_implementation == "eager" else 0)
     full_layer = s * b * h * per_value
     kept_layer = 2 * s * b * h
     layers = shape.num_layers
@@ -193,41 +203,77 @@ def activation_bytes(shape: ModelShape, micro_batch: int, seq_len: int, checkpoi
         total = ckpt * kept_layer + (layers - ckpt) * full_layer + (full_layer if ckpt else 0)
     else:
         total = layers * full_layer
+    if sequence_parallel > 1:
+        total += 2 * ALL_TO_ALL_VALUES_PER_TOKEN_HIDDEN * s * b * h
     scale = 1 if mixed_precision else 2
     return int(total * scale)
 
 
-def logits_bytes(vocab_size: int, micro_batch: int, seq_len: int, loss_chunk_tokens: int = 0) -> int:
-    """Loss memory of one micro batch: one chunk's logits with the chunked loss, else all fp32 logits and
-    their gradient (see module docstring)."""
+def logits_bytes(vocab_size: int, micro_batch: int, seq_len: int, loss_chunk_tokens: int = 0,
+                 sequence_parallel: int = 1) -> int:
+    """Loss memory of one micro batch on one rank: one chunk's logits with the chunked loss, else all fp32
+    logits of the rank's tokens and their gradient (see module docstring)."""
+    tokens = micro_batch * seq_len // sequence_parallel
     if loss_chunk_tokens > 0:
-        return 12 * min(loss_chunk_tokens, micro_batch * seq_len) * vocab_size
-    return 8 * micro_batch * seq_len * vocab_size
+        return 12 * min(loss_chunk_tokens, tokens) * vocab_size
+    return 8 * tokens * vocab_size
 
 
 def estimate_stages(shape: ModelShape, *, micro_batch: int, seq_len: int, checkpointing: str, every_k: int,
                     attn_implementation: str, mixed_precision: bool, num_nodes: int, gpus_per_node: int,
-                    gpu_memory_gb: float, cpu_memory_gb: float, loss_chunk_tokens: int = 0) -> list[StageEstimate]:
-    """One StageEstimate per entry of AUTO_ORDER."""
-    total_gpus = num_nodes * gpus_per_node
-    act = activation_bytes(shape, micro_batch, seq_len, checkpointing, every_k, attn_implementation,
-                           mixed_precision)
-    logit = logits_bytes(shape.vocab_size, micro_batch, seq_len, loss_chunk_tokens)
+                    gpu_memory_gb: float, cpu_memory_gb: float, loss_chunk_tokens: int = 0,
+                    sequence_parallel: int = 1) -> list[StageEstimate]:
+    """One StageEstimate per entry of AUTO_ORDER, each with the longest sequence that would fit."""
+    step = dict(micro_batch=micro_batch, checkpointing=checkpointing, every_k=every_k,
+                attn_implementation=attn_implementation, mixed_precision=mixed_precision, num_nodes=num_nodes,
+                gpus_per_node=gpus_per_node, gpu_memory_gb=gpu_memory_gb, cpu_memory_gb=cpu_memory_gb,
+                loss_chunk_tokens=loss_chunk_tokens, sequence_parallel=sequence_parallel)
     out = []
     for stage, offload in AUTO_ORDER:
-        gpu, cpu = model_states_bytes(shape.params, shape.largest_layer_params, stage, offload, total_gpus,
-                                      num_nodes, mixed_precision)
-        subtotal = (gpu + act + logit) / GB
-        overhead = OVERHEAD_FIXED_GB + OVERHEAD_FRACTION * subtotal
-        total = subtotal + overhead
-        fits_gpu, fits_cpu = total <= gpu_memory_gb, cpu / GB <= cpu_memory_gb
-        why = "" if fits_gpu and fits_cpu else (
-            f"needs {total:.1f} GB per GPU > {gpu_memory_gb:g} GB" if not fits_gpu
-            else f"needs {cpu / GB:.1f} GB CPU per node > {cpu_memory_gb:g} GB")
-        out.append(StageEstimate(stage, offload, round(gpu / GB, 3), round(act / GB, 3), round(logit / GB, 3),
-                                 round(overhead, 3), round(total, 3), round(cpu / GB, 3),
-                                 fits_gpu and fits_cpu, why))
+        est = stage_estimate(shape, stage, offload, seq_len, **step)
+        est.longest_seq_len = longest_seq_len(shape, stage, offload, **step)
+        out.append(est)
     return out
+
+
+def stage_estimate(shape: ModelShape, stage: int, offload: bool, seq_len: int, *, micro_batch: int,
+                   checkpointing: str, every_k: int, attn_implementation: str, mixed_precision: bool,
+                   num_nodes: int, gpus_per_node: int, gpu_memory_gb: float, cpu_memory_gb: float,
+                   loss_chunk_tokens: int, sequence_parallel: int) -> StageEstimate:
+    """Per-GPU (and per-node CPU) memory of one ZeRO stage at ``seq_len``; ZeRO shards over every GPU."""
+    gpu, cpu = model_states_bytes(shape.params, shape.largest_layer_params, stage, offload,
+                                  num_nodes * gpus_per_node, num_nodes, mixed_precision)
+    act = activation_bytes(shape, micro_batch, seq_len, checkpointing, every_k, attn_implementation,
+                           mixed_precision, sequence_parallel)
+    logit = logits_bytes(shape.vocab_size, micro_batch, seq_len, loss_chunk_tokens, sequence_parallel)
+    subtotal = (gpu + act + logit) / GB
+    overhead = OVERHEAD_FIXED_GB + OVERHEAD_FRACTION * subtotal
+    total = subtotal + overhead
+    fits_gpu, fits_cpu = total <= gpu_memory_gb, cpu / GB <= cpu_memory_gb
+    why = "" if fits_gpu and fits_cpu else (
+        f"needs {total:.1f} GB per GPU > {gpu_memory_gb:g} GB" if not fits_gpu
+        else f"needs {cpu / GB:.1f} GB CPU per node > {cpu_memory_gb:g} GB")
+    return StageEstimate(stage, offload, round(gpu / GB, 3), round(act / GB, 3), round(logit / GB, 3),
+                         round(overhead, 3), round(total, 3), round(cpu / GB, 3), fits_gpu and fits_cpu, why)
+
+
+def longest_seq_len(shape: ModelShape, stage: int, offload: bool, **step) -> int:
+    """The longest sequence (a multiple of SEQ_LEN_STEP) whose stage_estimate fits; 0 if none does.
+
+    Memory grows with the sequence, so a doubling search then bisection finds it in ~2 log2(T) estimates.
+    """
+    def fits(seq_len: int) -> bool:
+        return stage_estimate(shape, stage, offload, seq_len, **step).fits
+
+    if not fits(SEQ_LEN_STEP):
+        return 0
+    low, high = 1, 2  # in units of SEQ_LEN_STEP: low fits, high is tried next
+    while fits(high * SEQ_LEN_STEP) and high < 2**20:
+        low, high = high, high * 2
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid * SEQ_LEN_STEP) else (low, mid)
+    return low * SEQ_LEN_STEP
 
 
 def choose_stage(stages: list[StageEstimate], requested) -> tuple[dict | None, str]:
@@ -320,13 +366,15 @@ def streams_loading(shape: ModelShape, stage: int) -> bool:
 
 def batch_arithmetic(cfg, world_size: int, shape: ModelShape, peak_tflops: float, mfu: float) -> dict:
     """Tokens per optimizer step, steps per epoch and in total (from the manifest if prepared), wall time."""
-    from training.steps import plan_steps, resolve_batch
+    from training.steps import data_parallel_size, plan_steps, resolve_batch
 
     t = cfg.train
+    data_parallel = data_parallel_size(world_size, t.sequence_parallel_size)
     micro, accum = resolve_batch(t.micro_batch_size, t.gradient_accumulation_steps, t.global_batch_size,
-                                 world_size)
-    seqs_per_step = micro * accum * world_size
-    out = {"world_size": world_size, "sequences_per_step": seqs_per_step,
+                                 data_parallel)
+    seqs_per_step = micro * accum * data_parallel
+    out = {"world_size": world_size, "data_parallel": data_parallel,
+           "sequence_parallel": t.sequence_parallel_size, "sequences_per_step": seqs_per_step,
            "max_tokens_per_step": seqs_per_step * cfg.data.seq_len,
            "peak_tflops": peak_tflops, "mfu": mfu}
     manifest_path = Path(cfg.data.output_dir) / "manifest.json"
@@ -367,7 +415,8 @@ def make_plan(cfg, num_nodes: int = 1, gpus_per_node: int = 8, gpu_memory_gb: fl
                              every_k=cfg.model.checkpoint_every_k_layers,
                              attn_implementation=cfg.model.attn_implementation, mixed_precision=mixed,
                              num_nodes=num_nodes, gpus_per_node=gpus_per_node, gpu_memory_gb=gpu_memory_gb,
-                             cpu_memory_gb=cpu_memory_gb, loss_chunk_tokens=cfg.train.loss_chunk_tokens)
+                             cpu_memory_gb=cpu_memory_gb, loss_chunk_tokens=cfg.train.loss_chunk_tokens,
+                             sequence_parallel=cfg.train.sequence_parallel_size)
     chosen, reason = choose_stage(stages, cfg.deepspeed.zero_stage)
     hardware = {"nodes": num_nodes, "gpus_per_node": gpus_per_node, "gpu_memory_gb": gpu_memory_gb,
                 "cpu_memory_gb": cpu_memory_gb}
@@ -395,6 +444,11 @@ def step_kernels(cfg) -> dict:
     return {"attention": f"{rule}here {here}", "loss": describe_loss(cfg.train.loss_chunk_tokens)}
 
 
+def _sp_note(batch: dict) -> str:
+    sp = batch["sequence_parallel"]
+    return f" = {batch['world_size']} ranks / sequence parallelism {sp}" if sp > 1 else ""
+
+
 def format_plan(plan: Plan) -> str:
     """The human-readable table."""
     m, hw, b = plan.model, plan.hardware, plan.batch
@@ -403,18 +457,22 @@ def format_plan(plan: Plan) -> str:
              f"{m['num_layers']} layers, hidden {m['hidden_size']}, vocab {m['vocab_size']}",
              f"hardware: {hw['nodes']} node(s) x {hw['gpus_per_node']} GPU(s), {hw['gpu_memory_gb']:g} GB per GPU, "
              f"{hw['cpu_memory_gb']:g} GB CPU per node", "",
-             f"{'stage':<22}{'states':>9}{'activ.':>9}{'logits':>9}{'overhd':>9}{'total':>9}{'CPU/node':>10}  fits",
-             "-" * 84]
+             f"{'stage':<22}{'states':>9}{'activ.':>9}{'logits':>9}{'overhd':>9}{'total':>9}{'CPU/node':>10}  fits"
+             f"{'longest seq':>13}", "-" * 97]
     for s in plan.stages:
         lines.append(f"{_label(s):<22}{s.model_states_gb:>9.2f}{s.activations_gb:>9.2f}{s.logits_gb:>9.2f}"
-                     f"{s.overhead_gb:>9.2f}{s.total_gb:>9.2f}{s.cpu_gb_per_node:>10.1f}  {'yes' if s.fits else 'no'}")
-    lines += ["(GB per GPU; overhead = %.1f GB + %d%% of the rest)" % (OVERHEAD_FIXED_GB, OVERHEAD_FRACTION * 100),
+                     f"{s.overhead_gb:>9.2f}{s.total_gb:>9.2f}{s.cpu_gb_per_node:>10.1f}  {'yes' if s.fits else 'no ':<3}"
+                     f"{s.longest_seq_len:>13,}")
+    lines += ["(GB per GPU; overhead = %.1f GB + %d%% of the rest; longest seq: the longest sequence that fits, "
+              "same micro batch and sequence parallelism %d)" % (OVERHEAD_FIXED_GB, OVERHEAD_FRACTION * 100,
+                                                                 b["sequence_parallel"]),
               "", f"chosen: {plan.reason}",
               f"host RAM: loading ~{plan.host['loading_gb_per_node']:.1f} GB per node, export "
               f"~{plan.host['export_gb']:.1f} GB", *[f"warning: {w}" for w in plan.host["warnings"]], "",
               f"attention: {plan.step['attention']}", f"loss: {plan.step['loss']}", "",
               f"batch: {b['sequences_per_step']} sequences per optimizer step "
-              f"(micro x accumulation x {b['world_size']} ranks), ~{b['tokens_per_step']:,} tokens per step"]
+              f"(micro x accumulation x {b['data_parallel']} data-parallel ranks"
+              f"{_sp_note(b)}), ~{b['tokens_per_step']:,} tokens per step"]
     if "steps_per_epoch" in b:
         lines.append(f"data: {b['train_sequences']:,} training sequences -> {b['steps_per_epoch']} steps per epoch, "
                      f"{b['total_steps']} steps in total")

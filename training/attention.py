@@ -129,20 +129,31 @@ class Documents:
     bounds: list[tuple[int, int]]  # [start, end) of each document in the flattened row (host)
     max_length: int
     cu_seqlens: torch.Tensor  # int32 [D + 1] on the compute device
+    # Set when the row is split across a sequence-parallel group: the kernel runs on the whole row after
+    # an all-to-all (training.sequence_parallel); bounds and cu_seqlens are then the whole row's.
+    sequence_parallel: object = None
 
 
-def attention_inputs(kernel: str, cu_seqlens: torch.Tensor, max_length: int, device, dtype) -> dict:
-    """Model keywords that make attention document-causal on a flattened row (host ints in, no device reads)."""
+def attention_inputs(kernel: str, cu_seqlens: torch.Tensor, max_length: int, device, dtype,
+                     sequence_parallel=None) -> dict:
+    """Model keywords that make attention document-causal on a flattened row (host ints in, no device reads).
+
+    With ``sequence_parallel`` (a training.sequence_parallel.SequenceParallel) the model sees this rank's
+    slice of the row while ``cu_seqlens`` describes the whole row; only the wrapped kernels serve that.
+    """
     if cu_seqlens.device.type != "cpu":
         raise ValueError("cu_seqlens must be the collator's CPU tensor: reading it from the device would sync")
     host = cu_seqlens.tolist()
+    if sequence_parallel is not None and kernel in ("eager", "flex"):
+        raise AttentionUnavailable(f"model.attn_implementation: the {kernel} kernel cannot run split across a "
+                                   f"sequence-parallel group; use sdpa, varlen or flash_attention_2")
     if kernel == "eager":
         return {"attention_mask": dense_document_mask(host, dtype, device)}
     if kernel == "flex":
         return {"attention_mask": document_block_mask(host, device)}
     _install_packed_attention()
     docs = Documents(list(zip(host[:-1], host[1:])), int(max_length),
-                     cu_seqlens.to(device=device, dtype=torch.int32, non_blocking=True))
+                     cu_seqlens.to(device=device, dtype=torch.int32, non_blocking=True), sequence_parallel)
     placeholder = torch.zeros((1, 1, 0, 0), dtype=dtype, device=device)  # see module docstring
     return {"attention_mask": placeholder, DOCUMENTS_KWARG: (kernel, docs)}
 
@@ -211,11 +222,19 @@ def _packed_attention(original):
         if packed is None:
             return original(module, query, key, value, attention_mask, **kwargs)
         kernel, docs = packed
-        if kernel == "varlen":
-            return _torch_varlen(module, query, key, value, docs, kwargs)
-        if kernel == "flash":
-            return _flash(original, module, query, key, value, docs, kwargs)
-        return _per_document_sdpa(original, module, query, key, value, docs, kwargs)
+
+        def run(q, k, v):
+            if kernel == "varlen":
+                return _torch_varlen(module, q, k, v, docs, kwargs)
+            if kernel == "flash":
+                return _flash(original, module, q, k, v, docs, kwargs)
+            return _per_document_sdpa(original, module, q, k, v, docs, kwargs)
+
+        if docs.sequence_parallel is not None:
+            from training.sequence_parallel import attention
+
+            return attention(run, query, key, value, docs.sequence_parallel)
+        return run(query, key, value)
 
     packed_attention._zerotune_original = original
     return packed_attention

@@ -82,6 +82,9 @@ class TrainConfig:
     # The loss runs the LM head and cross-entropy this many tokens at a time (training/loss.py), so the full
     # fp32 logits never exist; 0 is the plain loss over all logits at once.
     loss_chunk_tokens: int = 1024
+    # Ranks per sequence-parallel group: each packed row is split along the sequence across this many
+    # consecutive ranks (Ulysses all-to-all attention, training/sequence_parallel.py); 1 is off.
+    sequence_parallel_size: int = 1
 
 
 @dataclass
@@ -176,6 +179,7 @@ def _cross_field_problems(cfg: RunConfig, world_size: int | None) -> list[str]:
         "train.gradient_accumulation_steps": t.gradient_accumulation_steps, "train.epochs": t.epochs,
         "checkpoint.keep_last": c.keep_last, "model.checkpoint_every_k_layers": cfg.model.checkpoint_every_k_layers,
         "logging.log_every_steps": cfg.logging.log_every_steps,
+        "train.sequence_parallel_size": t.sequence_parallel_size,
     }
     for key, value in positives.items():
         if value < 1:
@@ -209,14 +213,24 @@ def _cross_field_problems(cfg: RunConfig, world_size: int | None) -> list[str]:
     if not cfg.ds_config_path().is_file():
         p.append(f"deepspeed.config: {cfg.deepspeed.config!r} not found (looked at {cfg.ds_config_path()}); "
                  f"shipped: {', '.join(sorted(x.name for x in DS_CONFIG_DIR.glob('*.json')))}")
-    if world_size is not None and t.global_batch_size is not None:
-        from training.steps import BatchError, resolve_batch
-
-        try:
-            resolve_batch(t.micro_batch_size, t.gradient_accumulation_steps, t.global_batch_size, world_size)
-        except BatchError as exc:
-            p.append(str(exc))
+    if world_size is not None:
+        p += _batch_problems(t, world_size)
     return p
+
+
+def _batch_problems(t: TrainConfig, world_size: int) -> list[str]:
+    """The sequence-parallel groups must tile the world, and the data-parallel ranks share the global batch."""
+    from training.steps import BatchError, data_parallel_size, resolve_batch
+
+    if t.sequence_parallel_size < 1:
+        return []  # reported with the other positives
+    try:
+        data_parallel = data_parallel_size(world_size, t.sequence_parallel_size)
+        if t.global_batch_size is not None:
+            resolve_batch(t.micro_batch_size, t.gradient_accumulation_steps, t.global_batch_size, data_parallel)
+    except BatchError as exc:
+        return [str(exc)]
+    return []
 
 
 def resolve_ds_config_path(name: str) -> Path:

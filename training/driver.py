@@ -33,6 +33,7 @@ from training.data import Collator, RankSequences, TrainBatches
 from training.evaluation import Evaluator, write_results
 from training.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionFlag
 from training.resume import FAULT_KILL_IN_SAVE_ENV, Checkpointer, Progress  # noqa: F401  (the hook's name, re-exported)
+from training.sequence_parallel import local_supervised_tokens, placement
 from training.tb import MetricsLogger, memory_gb, peak_flops_per_device, squared_document_tokens, training_flops
 
 
@@ -75,16 +76,17 @@ class Driver:
         pad_id = ctx.tokenizer.pad_token_id if ctx.tokenizer.pad_token_id is not None else 0
         pad_to = ctx.manifest["seq_len"] if t.pad_to == "seq_len" else None
         self.collator = Collator(pad_id, pad_to)
+        self.sp = placement(engine.module)  # a sequence-parallel group reads one data-parallel rank's batches
         # Every rank opens the whole training split: the order is global, each step deals out its share.
         self.train_data = TrainBatches(
             RankSequences.open(ctx.data_dir, ctx.manifest, "train", rank=0, world_size=1), self.collator,
-            t.micro_batch_size, t.gradient_accumulation_steps, self.world_size, self.rank, t.seed)
+            t.micro_batch_size, t.gradient_accumulation_steps, self.sp.dp_size, self.sp.dp_rank, t.seed)
         self.total_steps = total_steps
         self.progress = Progress()
         self.preempt = PreemptionFlag()
-        self.checkpoints = Checkpointer(engine, ctx, self.train_data, self.rank, self.world_size)
+        self.checkpoints = Checkpointer(engine, ctx, self.train_data, self.rank, self.world_size, self.sp.size)
         self.evaluator = Evaluator(engine, loop, ctx, self.collator, self._all_sum, self.preempt, self.rank,
-                                   self.world_size)
+                                   self.world_size, self.sp.dp_rank, self.sp.dp_size)
         self._saved_step = -1
         self._pending: Optional[_PendingStep] = None
 
@@ -115,9 +117,10 @@ class Driver:
         batches = [self.loop.prepare_batch(b) for b in
                    self.train_data.step_batches(self.progress.epoch, self.progress.step_in_epoch)]
         data_wait = time.perf_counter() - t0
-        counts = [self.loop.count_tokens(b) for b in batches]
-        real = sum(int(b["attention_mask"].sum()) for b in batches)
-        flops = sum(self._useful_flops(b) for b in batches)
+        counts = [self.loop.count_tokens(b) for b in batches] if not self.sp.active else \
+            [local_supervised_tokens(b, self.sp.size, self.sp.rank) for b in batches]  # this rank's slices
+        real = sum(int(b["attention_mask"].sum()) for b in batches) / self.sp.size
+        flops = sum(self._useful_flops(b) for b in batches) / self.sp.size
         global_count, global_real, global_flops, preempted = self._reduce_step_start(
             float(sum(counts)), float(real), flops)
         if preempted:

@@ -52,17 +52,25 @@ def resolve_ds_config(train: TrainConfig, ds_section: DeepSpeedSection, json_pat
 
 
 def _yaml_values(train: TrainConfig, world_size: int) -> dict[str, Any]:
+    from training.steps import data_parallel_size
+
     micro, accum = train.micro_batch_size, train.gradient_accumulation_steps
-    return {
+    data_parallel = data_parallel_size(world_size, train.sequence_parallel_size)
+    values = {
         "train_micro_batch_size_per_gpu": (micro, "train.micro_batch_size"),
         "gradient_accumulation_steps": (accum, "train.gradient_accumulation_steps"),
-        "train_batch_size": (micro * accum * world_size,
+        "train_batch_size": (micro * accum * data_parallel,
                              f"train.micro_batch_size x train.gradient_accumulation_steps x data-parallel "
-                             f"{world_size}"),
+                             f"{data_parallel}"),
         "gradient_clipping": (float(train.grad_clip), "train.grad_clip"),
         "bf16.enabled": (train.precision == "bf16", "train.precision"),
         "fp16.enabled": (train.precision == "fp16", "train.precision"),
     }
+    if train.sequence_parallel_size > 1:
+        # DeepSpeed divides its world by this key in its batch arithmetic only; no mpu is passed, so ZeRO
+        # still partitions and reduces over every rank (training/sequence_parallel.py says why).
+        values["sequence_parallel_size"] = (train.sequence_parallel_size, "train.sequence_parallel_size")
+    return values
 
 
 def grad_accum_dtype(precision: str, stage: int) -> tuple[str, str]:

@@ -21,13 +21,15 @@ from training.tb import perplexity
 
 class Evaluator:
     """Evaluates one rank's engine through the run's loop; ``all_sum`` sums host floats over ranks in one
-    all-reduce (the driver's), ``preempt`` is this rank's preemption flag."""
+    all-reduce (the driver's), ``preempt`` is this rank's preemption flag. ``data_rank`` of ``data_ranks``
+    is the rank's data-parallel place (its sequence-parallel group reads one rank's share of a split)."""
 
     def __init__(self, engine, loop, ctx, collator: Collator, all_sum: Callable[[list], list],
-                 preempt: PreemptionFlag, rank: int, world_size: int):
+                 preempt: PreemptionFlag, rank: int, world_size: int, data_rank: int, data_ranks: int):
         self.engine, self.loop, self.ctx, self.collator = engine, loop, ctx, collator
         self.all_sum, self.preempt = all_sum, preempt
         self.rank, self.world_size = rank, world_size
+        self.data_rank, self.data_ranks = data_rank, data_ranks
         self.micro_batch_size = ctx.eval.micro_batch_size or ctx.train.micro_batch_size
 
     def any_rank_preempted(self) -> bool:
@@ -37,7 +39,7 @@ class Evaluator:
     def evaluate(self, split: str, step: int, rng_state: dict) -> Optional[float]:
         """Mean loss over ``split`` on all ranks (None when the split is empty). Raises Preempted (carrying
         ``rng_state``) as soon as any rank is asked to stop, checked before every batch."""
-        seqs = RankSequences.open(self.ctx.data_dir, self.ctx.manifest, split, self.rank, self.world_size)
+        seqs = RankSequences.open(self.ctx.data_dir, self.ctx.manifest, split, self.data_rank, self.data_ranks)
         if len(seqs) == 0:
             return None
         if self.ctx.heartbeat is not None:

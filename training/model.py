@@ -238,6 +238,9 @@ def compute_device(model: nn.Module) -> torch.device:
 def packed_forward(model: nn.Module, flat: dict):
     """Run a flattened micro-batch (see flatten_batch) with document-causal attention; the model's output.
 
+    A slice of a row split across a sequence-parallel group carries its ``sequence_parallel`` (see
+    training.sequence_parallel.shard_flat); its attention then runs on the whole row.
+
     ``model`` may be the bare Hugging Face model or the DeepSpeed engine wrapping it.
     """
     from training.attention import attention_inputs, kernel_for
@@ -245,7 +248,8 @@ def packed_forward(model: nn.Module, flat: dict):
     hf_model = getattr(model, "module", model)
     kernel = getattr(hf_model, "_zerotune_attention_kernel", None) or kernel_for(hf_model.config._attn_implementation)
     device = compute_device(model)
-    inputs = attention_inputs(kernel, flat["cu_seqlens"], flat["max_seqlen"], device, hf_model.dtype)
+    inputs = attention_inputs(kernel, flat["cu_seqlens"], flat["max_seqlen"], device, hf_model.dtype,
+                              flat.get("sequence_parallel"))
     return model(input_ids=flat["input_ids"].to(device), position_ids=flat["position_ids"].to(device),
                  use_cache=False, **inputs)
 
@@ -270,10 +274,16 @@ def packed_loss(model: nn.Module, batch: dict, loss_chunk_tokens: int) -> tuple[
 
     With ``loss_chunk_tokens`` > 0 the LM head and the loss run that many tokens at a time and are
     recomputed in backward (training.loss), so the full [N, V] logits never exist; 0 is the plain loss.
+    On a model split across a sequence-parallel group, this rank's slice of the row only: its loss sum
+    and its count (training.sequence_parallel).
     """
     from training.loss import cross_entropy_sum, lm_head_computes_loss
+    from training.sequence_parallel import of_model, shard_flat
 
     flat = flatten_batch(batch)
+    sp = of_model(model)
+    if sp is not None:
+        flat = {**shard_flat(flat, sp.size, sp.rank), "sequence_parallel": sp}
     targets = flat["targets"]
     count = (targets != IGNORE_INDEX).sum()
     targets = targets.to(compute_device(model))

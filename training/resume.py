@@ -24,6 +24,7 @@ from training import best_weights
 from training import checkpoint as ckpt
 from training.data import first_sequences
 from training.engine import reapply_optimizer_settings
+from training.sequence_parallel import check_resume_size
 
 # Test hook: SIGKILL rank 0 in the middle of saving this step (after DeepSpeed's files, before COMPLETE).
 FAULT_KILL_IN_SAVE_ENV = "ZEROTUNE_FAULT_KILL_IN_SAVE_AT_STEP"
@@ -51,12 +52,13 @@ class Checkpointer:
 
     ``ctx`` is the driver's RunContext (checkpoint and train sections, run identity, logger); ``batches``
     the run's TrainBatches (its global batch and how it is split, recorded for a resume on another world
-    size).
+    size); ``sequence_parallel_size`` is recorded too, and a resume must keep it or the global batch.
     """
 
-    def __init__(self, engine, ctx, batches, rank: int, world_size: int):
+    def __init__(self, engine, ctx, batches, rank: int, world_size: int, sequence_parallel_size: int = 1):
         self.engine, self.ctx, self.batches = engine, ctx, batches
         self.rank, self.world_size = rank, world_size
+        self.sequence_parallel_size = sequence_parallel_size
         self.root = ckpt.checkpoint_root(ctx.output_dir)
         self.probe_ids = probe_ids(ctx.data_dir, ctx.manifest)
 
@@ -101,6 +103,7 @@ class Checkpointer:
                 "eval_loss": p.last_eval_loss if p.last_eval_step == p.step else None, "progress": asdict(p),
                 "global_batch_size": batch, "sequences_consumed_in_epoch": p.step_in_epoch * batch,
                 "optimizer_param_groups": len(self.engine.optimizer.param_groups),
+                "sequence_parallel_size": self.sequence_parallel_size,
                 "weight_decay": self.ctx.train.weight_decay}
 
     def save_best(self, progress: Progress) -> None:
@@ -148,7 +151,7 @@ class Checkpointer:
             f"resumed from {tag} (step {p.step}, epoch {p.epoch}) saved on "
             f"{saved_world} ranks, now {self.world_size}: loaded its universal form {load_tag} (optimizer "
             f"state, LR schedule, data position kept); global batch {t.global_batch_size} = micro "
-            f"{t.micro_batch_size} x accumulation {t.accumulation} x {self.world_size} ranks")
+            f"{t.micro_batch_size} x accumulation {t.accumulation} x {t.world_size} ranks")
 
     def _universal_tag(self, tag: str, saved_world: int) -> str:
         """Convert ``tag`` to DeepSpeed's universal form (rank 0, once; every rank learns the outcome) and
@@ -169,6 +172,7 @@ class Checkpointer:
 
     def _check_resumable(self, tag: str, state: dict) -> None:
         t = self.batches
+        check_resume_size(self.root / tag, state, self.sequence_parallel_size, t.global_batch_size)
         run = RunIdentity(self.world_size, t.global_batch_size, t.micro_batch_size, t.accumulation,
                           len(self.engine.optimizer.param_groups), self.ctx.train.weight_decay,
                           self.ctx.manifest.get("cache_key"), self.ctx.config_hash)

@@ -7,6 +7,10 @@ micro-batch, accumulation, steps per epoch and total steps.
 The global batch size is what a user fixes (``train.global_batch_size``): on another world size the
 accumulation (and if needed the micro-batch) adapts so micro x accumulation x ranks stays equal to it. The
 global order (training.data) then hands every step the same sequences on any world size.
+
+Ranks count here as data-parallel ranks: with ``train.sequence_parallel_size`` N, the N ranks of a
+sequence-parallel group share one micro-batch (training.sequence_parallel), so a world of W ranks is
+W / N data-parallel ranks (:func:`data_parallel_size`).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ class StepPlan:
 
     micro_batch_size: int
     gradient_accumulation_steps: int
-    world_size: int
+    world_size: int  # data-parallel ranks (the world divided by train.sequence_parallel_size)
     train_sequences: int
     steps_per_epoch: int
     total_steps: int
@@ -36,6 +40,15 @@ class StepPlan:
     @property
     def global_batch_size(self) -> int:
         return self.micro_batch_size * self.gradient_accumulation_steps * self.world_size
+
+
+def data_parallel_size(world_size: int, sequence_parallel_size: int = 1) -> int:
+    """Data-parallel ranks of a world: each sequence-parallel group of ``sequence_parallel_size`` consecutive
+    ranks reads one data-parallel rank's micro-batches. Raises BatchError when the groups do not tile it."""
+    if sequence_parallel_size < 1 or world_size % sequence_parallel_size:
+        raise BatchError(f"train.sequence_parallel_size {sequence_parallel_size} does not divide the world size "
+                         f"{world_size}; use a divisor of {world_size}")
+    return world_size // sequence_parallel_size
 
 
 def resolve_batch(micro_batch_size: int, accumulation: int, global_batch_size: Optional[int],
@@ -60,21 +73,24 @@ def resolve_batch(micro_batch_size: int, accumulation: int, global_batch_size: O
 
 
 def resolved_train(train, world_size: int):
-    """``train`` (a TrainConfig) with micro-batch and accumulation resolved for ``world_size``."""
+    """``train`` (a TrainConfig) with micro-batch and accumulation resolved for ``world_size`` ranks."""
+    data_parallel = data_parallel_size(world_size, train.sequence_parallel_size)
     micro, accum = resolve_batch(train.micro_batch_size, train.gradient_accumulation_steps,
-                                 train.global_batch_size, world_size)
+                                 train.global_batch_size, data_parallel)
     return dataclasses.replace(train, micro_batch_size=micro, gradient_accumulation_steps=accum,
-                               global_batch_size=micro * accum * world_size)
+                               global_batch_size=micro * accum * data_parallel)
 
 
 def plan_steps(train, train_sequences: int, world_size: int) -> StepPlan:
     """Steps per epoch (whole global batches of the training split; the remainder is dropped each epoch)
-    and total steps (``train.max_steps``, or epochs x steps per epoch) for ``train`` on ``world_size``."""
+    and total steps (``train.max_steps``, or epochs x steps per epoch) for ``train`` on ``world_size``
+    ranks (the plan's ``world_size`` is their data-parallel count)."""
+    data_parallel = data_parallel_size(world_size, train.sequence_parallel_size)
     micro, accum = resolve_batch(train.micro_batch_size, train.gradient_accumulation_steps,
-                                 train.global_batch_size, world_size)
-    per_epoch = train_sequences // (micro * accum * world_size)
+                                 train.global_batch_size, data_parallel)
+    per_epoch = train_sequences // (micro * accum * data_parallel)
     total = train.max_steps if train.max_steps is not None else train.epochs * per_epoch
-    return StepPlan(micro, accum, world_size, train_sequences, per_epoch, total)
+    return StepPlan(micro, accum, data_parallel, train_sequences, per_epoch, total)
 
 
 def train_sequences(manifest: dict) -> int:

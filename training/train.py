@@ -67,9 +67,21 @@ def validate_inputs(cfg: RunConfig, world_size: int):
                         f"{manifest.get('seq_len')}, but data.seq_len is {cfg.data.seq_len}; run `zerotune prep "
                         f"CONFIG` again (or set data.seq_len back)")
     get_loop(cfg.train.loop)  # an unknown loop name fails here, before any process starts
-    choose_attention(cfg.model.attn_implementation)  # so does an attention kernel this machine cannot run
+    attention = choose_attention(cfg.model.attn_implementation)  # so does a kernel this machine cannot run
+    if cfg.train.sequence_parallel_size > 1:
+        check_sequence_parallel(cfg, attention.kernel)
     check_resume_setting(cfg)
     return manifest, tokenizer
+
+
+def check_sequence_parallel(cfg: RunConfig, kernel: str) -> None:
+    """Refuse a train.sequence_parallel_size that does not divide the model's heads (reads config.json only)."""
+    from transformers import AutoConfig
+
+    from training.sequence_parallel import check_model
+
+    check_model(cfg.train.sequence_parallel_size, AutoConfig.from_pretrained(
+        cfg.model.name_or_path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code), kernel)
 
 
 def check_tokenizer(manifest: dict, tokenizer, data_dir: str, model_path: str) -> None:
@@ -149,6 +161,7 @@ def build_driver(cfg: RunConfig, manifest: dict, tokenizer):
     from training.loops import get_loop
     from training.loss import describe_loss
     from training.model import load_model
+    from training.sequence_parallel import setup as setup_sequence_parallel
     from training.tb import MetricsLogger
 
     world_size, rank = dist.get_world_size(), dist.get_rank()
@@ -161,9 +174,13 @@ def build_driver(cfg: RunConfig, manifest: dict, tokenizer):
     loop = get_loop(cfg.train.loop)(tokenizer=tokenizer)
     loop.loss_chunk_tokens = cfg.train.loss_chunk_tokens
     logger = MetricsLogger(cfg.tensorboard_dir(), Path(cfg.output_dir) / "metrics.jsonl", enabled=rank == 0)
+    sp = cfg.train.sequence_parallel_size
     logger.line(f"{choose_attention(cfg.model.attn_implementation).describe()} | loss: "
-                f"{describe_loss(cfg.train.loss_chunk_tokens)}")
+                f"{describe_loss(cfg.train.loss_chunk_tokens)}"
+                f"{f' | sequence parallel: groups of {sp} ranks' if sp > 1 else ''}")
+    sequence_parallel = setup_sequence_parallel(cfg.train.sequence_parallel_size)  # a collective, before ZeRO-3
     model = load_model(cfg.model, cfg.train.precision, ds_config)
+    model._zerotune_sequence_parallel = sequence_parallel
     shape = model_shape(model)
     logger.text("config", "```yaml\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False) + "\n```", 0)
     ctx = RunContext(train=cfg.train, eval=cfg.eval, checkpoint=cfg.checkpoint, output_dir=Path(cfg.output_dir),
@@ -190,7 +207,7 @@ def _total_steps(cfg: RunConfig, manifest: dict, world_size: int) -> int:
         raise DataError(f"{cfg.data.output_dir}: {plan.train_sequences} training sequences is less than one "
                         f"optimizer step (train.micro_batch_size {plan.micro_batch_size} x "
                         f"train.gradient_accumulation_steps {plan.gradient_accumulation_steps} x data-parallel "
-                        f"{world_size} = {plan.global_batch_size}); use more data or smaller batches")
+                        f"{plan.world_size} = {plan.global_batch_size}); use more data or smaller batches")
     return plan.total_steps
 
 

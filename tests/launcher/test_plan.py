@@ -247,3 +247,36 @@ def test_host_memory_for_loading_and_export_and_its_warnings(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "host RAM: loading ~" in table and "warning: zerotune export needs" in table
     assert "warning: loading the model (ZeRO-3" in table
+
+
+def test_sequence_parallel_divides_activations_and_adds_the_all_to_all_buffers(tmp_path):
+    shape = model_shape(str(_write(tmp_path, "llama")))
+    s, b, h, a, L, sp = 4096, 1, 256, 8, 4, 4
+    assert activation_bytes(shape, b, s, "none", sequence_parallel=sp) == \
+        L * (s / sp) * b * h * 34 + 16 * (s / sp) * b * h
+    # eager: each rank keeps the scores of a / sp heads over the whole row
+    assert activation_bytes(shape, b, s, "none", attn_implementation="eager", sequence_parallel=sp) == \
+        int(L * (s / sp) * b * h * (34 + 5 * a * s / h) + 16 * (s / sp) * b * h)
+    assert logits_bytes(3000, b, s, sequence_parallel=sp) == 8 * b * (s // sp) * 3000
+
+
+def test_plan_prints_the_longest_sequence_per_stage_for_the_sp_size(tmp_path):
+    from launcher.plan import SEQ_LEN_STEP, format_plan, stage_estimate
+
+    model = _write(tmp_path, "llama")
+    plain = make_plan(_cfg(tmp_path, model, model__gradient_checkpointing="full"), gpus_per_node=4, gpu_memory_gb=2)
+    split = make_plan(_cfg(tmp_path, model, model__gradient_checkpointing="full", train__sequence_parallel_size=4),
+                      gpus_per_node=4, gpu_memory_gb=2)
+    for one, four in zip(plain.stages, split.stages):
+        assert four.activations_gb < one.activations_gb and four.model_states_gb == one.model_states_gb
+        assert four.longest_seq_len > one.longest_seq_len > 0
+        step = dict(micro_batch=2, checkpointing="full", every_k=2, attn_implementation="auto",
+                    mixed_precision=True, num_nodes=1, gpus_per_node=4, gpu_memory_gb=2, cpu_memory_gb=1024.0,
+                    loss_chunk_tokens=1024, sequence_parallel=4)
+        shape = model_shape(str(model))
+        assert stage_estimate(shape, four.stage, four.offload, four.longest_seq_len, **step).fits
+        assert not stage_estimate(shape, four.stage, four.offload, four.longest_seq_len + SEQ_LEN_STEP, **step).fits
+    text = format_plan(split)
+    assert "longest seq" in text and f"{split.stages[0].longest_seq_len:,}" in text
+    assert "x 1 data-parallel ranks = 4 ranks / sequence parallelism 4" in text
+    assert split.batch["sequences_per_step"] == 2 * 4 * 1
