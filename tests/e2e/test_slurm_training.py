@@ -63,12 +63,7 @@ def test_preempted_job_requeues_and_resumes_without_losing_a_step(slurm_cluster,
     run_yaml = write_run(tmp_path, train={"max_steps": MAX_STEPS})
     run_dir = run_yaml.parent / "out"
     job = submit(slurm_cluster, run_yaml)
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    while max(train_losses(run_dir), default=0) < 3:
-        assert time.monotonic() < deadline, f"job {job} never reached step 3\n{job_log(run_yaml)}"
-        assert slurm_cluster.job_state(job).get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), job_log(run_yaml)
-        time.sleep(0.5)
-    slurm_cluster.run("scancel", "--batch", "--signal=USR1", job)
+    _preempt_after_step(slurm_cluster, job, run_yaml, 3)
 
     info = slurm_cluster.wait_for(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"), JOB_TIMEOUT_S)
     log = job_log(run_yaml)
