@@ -28,3 +28,8 @@ def write_run(tiny_model_dir, sample_csv, e2e_prepared_data):
         return runs.write_run_yaml(folder / "run.yaml", raw)
 
     return make
+
+
+# One two-node SLURM cluster for the whole session, shared by every `slurm` test module (a fixture imported
+# into each module would be a separate session fixture per module: one cluster each, all alive at once).
+from slurm_cluster import slurm_cluster  # noqa: E402,F401

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from tests.e2e.test_train_dist import (HALF, STEPS, _copy_until_half, check, dee
                                        prepared, run_config, train_losses)
 
 pytestmark = pytest.mark.dist
+ZERO_WRITER = Path(__file__).resolve().parents[1] / "training" / "sp_zero_writer.py"
 TOLERANCE = 1e-5  # fp32; the split changes only the order of sums (measured ~1e-7 on the first step)
 
 
@@ -89,3 +91,29 @@ def test_sequence_parallel_resume_is_exact(deepspeed_bin, runs, tmp_path):
     assert min(got) == HALF + 1
     for step in range(HALF + 1, STEPS + 1):
         assert got[step] == want[step], f"step {step}: {got[step]!r} != {want[step]!r}"
+
+
+def test_first_step_gradients_under_zero2_and_zero3_equal_the_whole_row_on_one_process(deepspeed_bin, tmp_path):
+    """The gradient ZeRO-2 and ZeRO-3 apply with the micro-batch split over the group (recovered from one SGD
+    step at lr 1000, see the writer) against the whole micro-batch's gradient on one process without
+    DeepSpeed; the two halves carry unequal numbers of supervised tokens. fp32, 1e-5 per element: only the
+    order of sums differs (the in-process comparison measures ~5e-8)."""
+    import torch
+
+    from tests.e2e.test_train_dist import LAUNCH_TIMEOUT_S, _env, _free_port
+    from training import remove_allreduce_buffers
+
+    out, port = tmp_path / "grads.pt", _free_port()
+    argv = [deepspeed_bin, "--num_gpus", "2", "--master_port", str(port), str(ZERO_WRITER), "--out", str(out)]
+    try:
+        proc = subprocess.run(argv, env=_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    finally:
+        remove_allreduce_buffers(port)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = torch.load(out)
+    reference = results["reference"]
+    assert max(float(g.abs().max()) for g in reference.values()) > 1e-3  # gradients large against the tolerance
+    for stage in (2, 3):
+        for name, want in reference.items():
+            diff = float((results[f"stage{stage}"][name] - want).abs().max())
+            assert diff <= 1e-5, (stage, name, diff)

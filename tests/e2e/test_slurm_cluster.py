@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from slurm_cluster import slurm_cluster  # noqa: F401 - session fixture
-
 pytestmark = pytest.mark.slurm
 
 
-def test_srun_hostname_runs_on_both_nodes(slurm_cluster):  # noqa: F811
+def test_srun_hostname_runs_on_both_nodes(slurm_cluster):
     res = slurm_cluster.run("srun", "-N2", "-n2", "--label", "bash", "-c", "echo $SLURMD_NODENAME")
     names = sorted(line.split(":", 1)[1].strip() for line in res.stdout.splitlines())
     assert names == ["n1", "n2"]

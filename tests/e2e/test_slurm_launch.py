@@ -7,12 +7,12 @@ import sys
 
 import pytest
 
-from slurm_cluster import slurm_cluster, train_losses  # noqa: F401 - session fixture
+from slurm_cluster import train_losses
 
 pytestmark = pytest.mark.slurm
 
 
-def test_launch_inside_an_allocation_stages_data_and_trains(slurm_cluster, write_run, tmp_path):  # noqa: F811
+def test_launch_inside_an_allocation_stages_data_and_trains(slurm_cluster, write_run, tmp_path):
     """Inside sbatch, launch finds the nodes from SLURM, sbcasts the shards to each node, verifies them,
     and starts one srun task per node."""
     run_yaml = write_run(tmp_path, train={"max_steps": 2}, checkpoint={"every_steps": 2, "keep_last": 1,
@@ -33,7 +33,7 @@ def test_launch_inside_an_allocation_stages_data_and_trains(slurm_cluster, write
     assert (stage / "manifest.json").is_file()
 
 
-def test_slurm_command_refuses_a_job_the_cluster_cannot_run(slurm_cluster, write_run, tmp_path):  # noqa: F811
+def test_slurm_command_refuses_a_job_the_cluster_cannot_run(slurm_cluster, write_run, tmp_path):
     run_yaml = write_run(tmp_path)
     cmd = [sys.executable, "-m", "launcher.cli", "slurm", str(run_yaml), "--nodes", "3", "--gpus-per-node", "1",
            "--time", "00:10:00", "--cpu-only"]

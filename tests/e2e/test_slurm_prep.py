@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from data_prep.distributed import prepare_distributed, work_root
-from slurm_cluster import slurm_cluster  # noqa: F401 - session fixture
 from training.config import config_from_dict
 
 _spec = importlib.util.spec_from_file_location("launcher_test_runs",
@@ -73,7 +72,7 @@ def _kill_worker_mid_unit(units_root: Path, job: str, unit: int, procid: str) ->
 
 
 def test_two_node_prep_is_the_one_process_prep_even_after_a_killed_worker(slurm_cluster, tiny_model_dir, sample_csv,
-                                                                          tmp_path):  # noqa: F811
+                                                                          tmp_path):
     raw = runs.run_dict(tiny_model_dir, sample_csv, tmp_path / "one-process", tmp_path / "run",
                         data={"num_shards": 4})
     reference_cfg = config_from_dict(raw).data

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from slurm_cluster import slurm_cluster, train_losses  # noqa: F401 - session fixture
+from slurm_cluster import train_losses
 
 pytestmark = pytest.mark.slurm
 MAX_STEPS = 12
@@ -38,7 +38,7 @@ def job_log(run_yaml: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(slurm_cluster, write_run, tmp_path_factory):  # noqa: F811
+def uninterrupted(slurm_cluster, write_run, tmp_path_factory):
     """A two-node job run to completion; its run dir."""
     run_yaml = write_run(tmp_path_factory.mktemp("slurm-full"), train={"max_steps": MAX_STEPS})
     job = submit(slurm_cluster, run_yaml)
@@ -58,7 +58,7 @@ def test_two_node_zero3_job_trains_to_completion(uninterrupted):
     assert losses[MAX_STEPS][0] < losses[1][0]
 
 
-def test_preempted_job_requeues_and_resumes_without_losing_a_step(slurm_cluster, uninterrupted, write_run,  # noqa: F811
+def test_preempted_job_requeues_and_resumes_without_losing_a_step(slurm_cluster, uninterrupted, write_run,
                                                                    tmp_path):
     run_yaml = write_run(tmp_path, train={"max_steps": MAX_STEPS})
     run_dir = run_yaml.parent / "out"
@@ -97,7 +97,7 @@ def _preempt_after_step(cluster, job: str, run_yaml: Path, step: int) -> None:
 CROSS_WORLD_TOL = 1e-4
 
 
-def test_preempted_two_node_job_resumes_on_one_node(slurm_cluster, uninterrupted, write_run, tmp_path):  # noqa: F811
+def test_preempted_two_node_job_resumes_on_one_node(slurm_cluster, uninterrupted, write_run, tmp_path):
     """Node n2 is drained while the job runs (as for maintenance); the job is preempted and requeued but
     cannot get two nodes, so it is cancelled and the run resubmitted with --nodes 1: it resumes the
     two-rank checkpoint through DeepSpeed's universal form and ends with the two-node run's losses."""
