@@ -75,3 +75,34 @@ def test_streaming_stages_keep_counts_drop_reasons_and_bytes(tiny_model_dir, sam
     assert drops["bad_row"] >= 1 and drops["empty_field"] >= 1 and drops["duplicate"] >= 1 and drops["too_long"] >= 1
     reports = [json.loads((tmp_path / out / "report.json").read_text()) for out in ("streamed", "plain")]
     assert reports[0] == reports[1]
+
+
+# Rows a CSV reader can get wrong: missing-value words and empty cells (null, as pandas reads them), quoted
+# commas, quotes and line breaks, numbers kept as text, a blank line, a short row, a BOM before the header.
+_AWKWARD_CSV = ('\ufeffquestion,answer,extra\n'
+                'What is NA?,NA,1\n'
+                '"Commas, here","He said ""yes""\nand left",\n'
+                '\n'
+                '42,007,3.50\n'
+                'Short row,only two\n'
+                'None,null,""\n' + "".join(f"Q{i},A{i} \u00e9\u0301,{i}\n" for i in range(40)))
+
+
+def test_batched_csv_reader_reads_the_rows_datasets_from_csv_reads(tmp_path, monkeypatch):
+    # Equivalence: the batched reader (batches of 4 rows, so batches split the awkward rows) vs
+    # datasets.Dataset.from_csv with every column as text, the reader prep used before.
+    import datasets
+
+    import data_prep.readers as readers
+
+    path = tmp_path / "awkward.csv"
+    path.write_text(_AWKWARD_CSV, encoding="utf-8")
+    monkeypatch.setattr(readers, "CSV_BATCH_ROWS", 4)
+    batched = readers.read_csv_streaming(path, tmp_path / "cache")
+    features = datasets.Features({name: datasets.Value("string") for name in ("question", "answer", "extra")})
+    reference = datasets.Dataset.from_csv(str(path), features=features, encoding="utf-8-sig",
+                                          cache_dir=str(tmp_path / "ref"))
+    assert batched.column_names == reference.column_names == ["question", "answer", "extra"]
+    assert batched.features == reference.features
+    assert batched.to_list() == reference.to_list()
+    assert len(batched) == 45 and batched[0]["answer"] is None and batched[2]["answer"] == "007"
