@@ -25,9 +25,9 @@ from .pages import PageReleaser, Releasing
 from .pack import assign_to_shards, no_packing, pack_best_fit, packing_efficiency
 from .readers import Source, expand_sources, read_source, resolve_columns, row_label, source_settings
 from .records import EXPECTED_SHAPE
-from .shards import write_shard
+from .shards import TokenRows, write_shard
 from .split import SPLIT_IDS, assign_splits, cross_split_overlap
-from .template import Templater, resolve_chat_template, token_features, tokenize_batch
+from .template import Templater, resolve_chat_template, token_features, tokenize_kept
 
 # Bump when a change here changes the output for the same inputs, so old caches are rebuilt.
 PIPELINE_VERSION = 5
@@ -213,14 +213,21 @@ def make_templater(cfg, tokenizer, kinds: list[str]) -> Templater:
     return templater
 
 
-def _tokenize(cfg, docs, templater: Templater, sources, cache: Path, fingerprint: str, release):
-    return docs.map(Releasing(tokenize_batch, release), remove_columns=docs.column_names, features=token_features(),
-                    fn_kwargs={"templater": templater, "seq_len": cfg.seq_len, "excess_length": cfg.excess_length,
-                               "where": RowLocator(sources)},
-                    desc="template + tokenize", **_map_kwargs(cfg, cache, "tokenize", fingerprint))
+def _tokenize(cfg, ds, kept: np.ndarray, templater: Templater, sources, cache: Path, fingerprint: str, release):
+    # Every row of ``ds`` in order, those not kept skipped inside the batch: reading the kept rows through
+    # ds.select(kept) gathered them one table slice at a time (a tenth of prep's CPU time).
+    keep = np.zeros(len(ds), dtype=bool)
+    keep[kept] = True
+    records = ds.select_columns(["messages", "tools", "text", "_src", "_row"])
+    return records.map(Releasing(tokenize_kept, release), with_indices=True, remove_columns=records.column_names,
+                       features=token_features(),
+                       fn_kwargs={"keep": keep, "templater": templater, "seq_len": cfg.seq_len,
+                                  "excess_length": cfg.excess_length, "where": RowLocator(sources)},
+                       desc="template + tokenize", **_map_kwargs(cfg, cache, "tokenize", fingerprint))
 
 
-def _write_split(cfg, tok, work: Path, split: str, doc_idx: np.ndarray, lengths: np.ndarray, release) -> dict:
+def _write_split(cfg, tok: TokenRows, work: Path, split: str, doc_idx: np.ndarray, lengths: np.ndarray,
+                 release) -> dict:
     from tqdm.auto import tqdm
 
     packing = pack_best_fit(lengths[doc_idx], cfg.seq_len, desc=f"pack {split}") if cfg.packing else \
@@ -250,33 +257,33 @@ def _build(cfg, tokenizer, model_ref: tuple, sources, key_parts, cache_key, work
     kept = _drop_clean_rows(ds, split_ids, drops)
     if not len(kept):
         raise _empty_data_error(drops, rows_read)
-    docs = ds.select(kept)
     release()
-    tok = _tokenize(cfg, docs, templaters[0], sources, cache, cache_key[:16], release)
+    tok = _tokenize(cfg, ds, kept, templaters[0], sources, cache, cache_key[:16], release)  # row for row with ds
     split_kept = split_ids[kept]
     for r in ("too_long", "no_supervised_tokens"):
-        for name, n in _count_by_split(split_kept, equals(tok, "_drop2", r)).items():
+        for name, n in _count_by_split(split_kept, equals(tok, "_drop2", r)[kept]).items():
             drops[name][r] = n
-    final = equals(tok, "_drop2", "")
+    final = equals(tok, "_drop2", "")[kept]
     if not _count_by_split(split_kept, final)["train"]:
         raise _empty_data_error(drops, rows_read)
     lengths, truncated = column(tok, "n_tokens").astype(np.int64), column(tok, "truncated")
+    tokens = TokenRows(tok.data.table)
     splits = {}
     for name, sid in SPLIT_IDS.items():
-        doc_idx = np.flatnonzero(final & (split_kept == sid))
+        doc_idx = kept[np.flatnonzero(final & (split_kept == sid))]
         release()
-        info = _write_split(cfg, tok, work, name, doc_idx, lengths, release)
+        info = _write_split(cfg, tokens, work, name, doc_idx, lengths, release)
         splits[name] = {"rows_read": rows_read[name], "rows_dropped": drops[name],
                         "truncated_documents": int(truncated[doc_idx].sum()), **info}
     kind = kinds[0] if len(set(kinds)) == 1 else "mixed"
     manifest = _manifest(cfg, key_parts, cache_key, splits, kind, sources, kinds)
     facts = report_mod.Facts(
-        kind=kind, seq_len=cfg.seq_len, raw_lengths=column(tok, "n_tokens_raw"),
-        overlap=cross_split_overlap(column(docs, "_phash"), split_kept),
-        prefix_hashes=column(docs, "_pprefix"), params=report_mod.count_params(*model_ref),
-        near_hashes=column(docs, "_nhash")[final], cleaning_steps=cleaning_steps(cfg),
-        special_text_rows=int(column(tok, "special_text").sum()),
-        sources=_source_counts(ds, column(docs, "_src")[final], sources, kinds))
+        kind=kind, seq_len=cfg.seq_len, raw_lengths=column(tok, "n_tokens_raw")[kept],
+        overlap=cross_split_overlap(column(ds, "_phash")[kept], split_kept),
+        prefix_hashes=column(ds, "_pprefix")[kept], params=report_mod.count_params(*model_ref),
+        near_hashes=column(ds, "_nhash")[kept][final], cleaning_steps=cleaning_steps(cfg),
+        special_text_rows=int(column(tok, "special_text")[kept].sum()),
+        sources=_source_counts(ds, column(ds, "_src")[kept][final], sources, kinds))
     report = report_mod.build_report(manifest, facts)
     (work / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
     report_mod.plot_lengths(facts.raw_lengths, cfg.seq_len, work / "lengths.png")

@@ -366,6 +366,28 @@ def tokenize_batch(batch: dict, *, templater: Templater, seq_len: int, excess_le
     return out
 
 
+SKIPPED = "skipped"  # _drop2 of a row that an earlier stage dropped (tokenize_kept leaves it empty)
+
+
+def tokenize_kept(batch: dict, indices: list[int], *, keep: np.ndarray, **kwargs) -> dict:
+    """:func:`tokenize_batch` over the rows of ``batch`` whose row index ``keep`` marks; every other row (one
+    an earlier stage dropped) becomes an empty row with _drop2 SKIPPED, so the output stays row for row
+    with the input. ``kwargs`` are tokenize_batch's."""
+    picked = np.flatnonzero(keep[np.asarray(indices, dtype=np.int64)]).tolist()
+    if len(picked) == len(indices):
+        return tokenize_batch(batch, **kwargs)
+    empty = np.zeros(0, dtype=np.int32)
+    out = {"input_ids": [empty] * len(indices), "labels": [empty] * len(indices), "n_tokens_raw": [0] * len(indices),
+           "n_tokens": [0] * len(indices), "n_supervised": [0] * len(indices), "truncated": [False] * len(indices),
+           "special_text": [False] * len(indices), "_drop2": [SKIPPED] * len(indices)}
+    if picked:
+        done = tokenize_batch({k: [v[i] for i in picked] for k, v in batch.items()}, **kwargs)
+        for key, values in done.items():
+            for i, value in zip(picked, values):
+                out[key][i] = value
+    return out
+
+
 def token_features():
     """Arrow features of tokenize_batch's output."""
     from datasets import Features, List, Value
