@@ -106,3 +106,37 @@ def test_batched_csv_reader_reads_the_rows_datasets_from_csv_reads(tmp_path, mon
     assert batched.features == reference.features
     assert batched.to_list() == reference.to_list()
     assert len(batched) == 45 and batched[0]["answer"] is None and batched[2]["answer"] == "007"
+
+
+def test_token_rows_read_scattered_documents_as_a_selection_does(tmp_path):
+    # Equivalence: documents read as slices of the mapped buffers vs Dataset.select(rows) (the slow,
+    # obvious reading), over a file written in chunks of 3 rows, rows in a scattered order with a repeat.
+    import datasets
+
+    from data_prep.shards import TokenRows
+
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(0, 1000, rng.integers(0, 9)).astype(np.int32) for _ in range(20)]
+    base = datasets.Dataset.from_dict({"n": list(range(20))})
+    ds = base.map(lambda b: {"input_ids": [docs[i] for i in b["n"]], "labels": [-docs[i] for i in b["n"]]},
+                  batched=True, batch_size=3, writer_batch_size=3, cache_file_name=str(tmp_path / "tok.arrow"))
+    assert ds.data.table.column("input_ids").num_chunks > 1
+    rows = np.array([17, 3, 3, 0, 19, 8, 11, 5])
+    tokens = TokenRows(ds.data.table)
+    for name in ("input_ids", "labels"):
+        flat, lens = tokens.read(name, rows)
+        expected = ds.select(rows)[name]
+        assert flat.tolist() == [t for doc in expected for t in doc]
+        assert lens.tolist() == [len(doc) for doc in expected]
+
+
+def test_page_releaser_with_a_step_releases_only_after_that_much_growth(tmp_path, monkeypatch):
+    releaser = PageReleaser([tmp_path], step_bytes=64 * 2**20)
+    calls = []
+    monkeypatch.setattr(releaser, "release", lambda: calls.append(1))
+    releaser()
+    releaser()
+    assert len(calls) == 1  # the first call releases, the second finds no growth
+    grown = np.ones(80 * 2**20, dtype=np.uint8)  # 80 MiB resident
+    releaser()
+    assert len(calls) == 2 and grown.sum() == len(grown)
