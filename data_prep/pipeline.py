@@ -27,7 +27,7 @@ from .readers import Source, expand_sources, read_source, resolve_columns, row_l
 from .records import EXPECTED_SHAPE
 from .shards import TokenRows, write_shard
 from .split import SPLIT_IDS, assign_splits, cross_split_overlap
-from .template import Templater, resolve_chat_template, token_features, tokenize_kept
+from .template import Templater, resolve_chat_template, token_features, token_table, tokenize_kept
 
 # Bump when a change here changes the output for the same inputs, so old caches are rebuilt.
 PIPELINE_VERSION = 5
@@ -219,11 +219,15 @@ def _tokenize(cfg, ds, kept: np.ndarray, templater: Templater, sources, cache: P
     keep = np.zeros(len(ds), dtype=bool)
     keep[kept] = True
     records = ds.select_columns(["messages", "tools", "text", "_src", "_row"])
-    return records.map(Releasing(tokenize_kept, release), with_indices=True, remove_columns=records.column_names,
+    return records.map(Releasing(_tokenize_rows, release), with_indices=True, remove_columns=records.column_names,
                        features=token_features(),
                        fn_kwargs={"keep": keep, "templater": templater, "seq_len": cfg.seq_len,
                                   "excess_length": cfg.excess_length, "where": RowLocator(sources)},
                        desc="template + tokenize", **_map_kwargs(cfg, cache, "tokenize", fingerprint))
+
+
+def _tokenize_rows(batch: dict, indices: list[int], **kwargs):
+    return token_table(tokenize_kept(batch, indices, **kwargs))
 
 
 def _write_split(cfg, tok: TokenRows, work: Path, split: str, doc_idx: np.ndarray, lengths: np.ndarray,

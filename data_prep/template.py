@@ -21,6 +21,7 @@ template writes right after an answer); what the template writes after that is n
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from dataclasses import dataclass
@@ -303,10 +304,11 @@ def _common_prefix(a: str, b: str) -> str:
 
 def labels_from_spans(ids: list[int], offsets: list[tuple[int, int]], spans: list[Span]) -> np.ndarray:
     """Labels aligned with ids: the id where the token overlaps a supervised span, else IGNORE_INDEX."""
-    ids_arr = np.asarray(ids, dtype=np.int32)
+    ids_arr = np.fromiter(ids, dtype=np.int32, count=len(ids))
     if not len(ids_arr):
         return ids_arr
-    off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    # fromiter over the flattened pairs: np.asarray on a list of tuples costs ~10x more per token.
+    off = np.fromiter(itertools.chain.from_iterable(offsets), dtype=np.int64, count=2 * len(ids)).reshape(-1, 2)
     mask = np.zeros(len(ids_arr), dtype=bool)
     for start, end in spans:
         mask |= (off[:, 0] < end) & (off[:, 1] > start)
@@ -386,6 +388,25 @@ def tokenize_kept(batch: dict, indices: list[int], *, keep: np.ndarray, **kwargs
             for i, value in zip(picked, values):
                 out[key][i] = value
     return out
+
+
+def token_table(out: dict):
+    """tokenize_batch's (or tokenize_kept's) output as an Arrow table of :func:`token_features`' schema, each
+    list column built from one concatenated array (datasets converted every document's array separately)."""
+    import pyarrow as pa
+
+    schema = token_features().arrow_schema
+    columns = []
+    for field in schema:
+        values = out[field.name]
+        if pa.types.is_list(field.type):
+            lens = np.fromiter((len(v) for v in values), dtype=np.int32, count=len(values))
+            offsets = np.concatenate([[0], np.cumsum(lens, dtype=np.int64)]).astype(np.int32)
+            flat = np.concatenate(values).astype(np.int32) if len(values) else np.zeros(0, dtype=np.int32)
+            columns.append(pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat)).cast(field.type))
+        else:
+            columns.append(pa.array(values, type=field.type))
+    return pa.Table.from_arrays(columns, schema=schema)
 
 
 def token_features():

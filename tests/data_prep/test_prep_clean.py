@@ -130,3 +130,16 @@ def test_auto_tells_sharegpt_from_messages_by_the_first_turn(column, turn, kind)
     cfg = DataConfig(sources=["x.jsonl"])
     cols = resolve_columns(ds, source_settings(cfg, 0), SRC)
     assert cols.kind == kind and cols.names["messages"][1] == column
+
+
+def test_dedup_key_equals_its_definition_on_random_whitespace():
+    # Equivalence: dedup_key skips its regular expressions when they cannot match; the definition runs
+    # them always (NFKC, strip_whitespace, collapse_blank_lines) and must agree on every string.
+    import random
+
+    from data_prep.clean import collapse_blank_lines, strip_whitespace
+
+    rng = random.Random(0)
+    for _ in range(3000):
+        text = "".join(rng.choice([" ", "\t", "\n", "\n\n\n", "a", "\u00e9", "\ufb01", "\r"]) for _ in range(12))
+        assert dedup_key(text) == collapse_blank_lines(strip_whitespace(unicodedata.normalize("NFKC", text))), text

@@ -153,3 +153,18 @@ def test_tokenize_kept_tokenizes_the_kept_rows_as_tokenize_batch_does(tok):
 
 def _plain(value):
     return value.tolist() if isinstance(value, np.ndarray) else value
+
+
+def test_token_table_is_the_table_datasets_writes(tok):
+    # Equivalence: the batch-built Arrow table vs datasets' own conversion of the same output (per row).
+    import datasets
+
+    from data_prep.template import token_features, token_table
+
+    records = [{"prompt": f"Question {i}?", "response": "Answer. " * i} for i in range(5)]
+    t = Templater(tok, DataConfig(), {"prompt_response"})
+    out = tokenize_kept(_batch("prompt_response", records), list(range(5)), keep=np.array([1, 0, 1, 1, 1], bool),
+                        templater=t, seq_len=16, excess_length="truncate", where=lambda s, r: f"row {r}")
+    expected = datasets.Dataset.from_dict(out, features=token_features()).data.table
+    assert token_table(out).equals(expected)
+    assert token_table(out).column("input_ids").to_pylist()[1] == []
