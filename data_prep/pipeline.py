@@ -271,14 +271,14 @@ def _build(cfg, tokenizer, model_ref: tuple, sources, key_parts, cache_key, work
     if not _count_by_split(split_kept, final)["train"]:
         raise _empty_data_error(drops, rows_read)
     lengths, truncated = column(tok, "n_tokens").astype(np.int64), column(tok, "truncated")
-    tokens = TokenRows(tok.data.table)
     splits = {}
-    for name, sid in SPLIT_IDS.items():
-        doc_idx = kept[np.flatnonzero(final & (split_kept == sid))]
-        release()
-        info = _write_split(cfg, tokens, work, name, doc_idx, lengths, release)
-        splits[name] = {"rows_read": rows_read[name], "rows_dropped": drops[name],
-                        "truncated_documents": int(truncated[doc_idx].sum()), **info}
+    with TokenRows([Path(f["filename"]) for f in tok.cache_files]) as tokens:
+        for name, sid in SPLIT_IDS.items():
+            doc_idx = kept[np.flatnonzero(final & (split_kept == sid))]
+            release()
+            info = _write_split(cfg, tokens, work, name, doc_idx, lengths, release)
+            splits[name] = {"rows_read": rows_read[name], "rows_dropped": drops[name],
+                            "truncated_documents": int(truncated[doc_idx].sum()), **info}
     kind = kinds[0] if len(set(kinds)) == 1 else "mixed"
     manifest = _manifest(cfg, key_parts, cache_key, splits, kind, sources, kinds)
     facts = report_mod.Facts(

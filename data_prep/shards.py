@@ -5,15 +5,17 @@ documents stream out of the Arrow dataset, and the mapped pages read are release
 (pages.py), so memory holds one batch however large the split is. (Writing through ``np.memmap`` kept every
 written page resident until the shard closed: 12 bytes per token of the shard.)
 
-Documents come in packing order, scattered over the tokenized file. :class:`TokenRows` reads them as
-slices of zero-copy numpy views of the mapped Arrow buffers: a slice per document costs about a
-microsecond, where ``Dataset.select(rows)`` followed by iteration gathered each row through a table slice
-(~25 us a row, a tenth of prep's CPU time in a profile), and Arrow's own ``take`` on a chunked column
-first concatenates every chunk (the whole column in memory).
+Documents come in packing order, scattered over the tokenized file. :class:`TokenRows` reads each one with
+a ``pread`` of its bytes, at file offsets found from the Arrow buffers' positions in the file. Reading them
+through the memory map instead made every scattered document fault in its neighbours too (the kernel maps
+up to 64 KiB around a faulted file page), +45 MiB resident within one batch of 512 documents, and
+``Dataset.select(rows)`` gathered each row through a table slice (~25 us a row, a tenth of prep's CPU time
+in a profile); Arrow's own ``take`` on a chunked column first concatenates every chunk.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -39,23 +41,47 @@ def _open_arrays(files: dict[str, Path], n_tokens: int, n_seq: int) -> dict:
 
 
 class TokenRows:
-    """Documents of a tokenized Arrow table (``input_ids`` and ``labels`` list columns) by row index, read as
-    slices of zero-copy views of its buffers, so only the pages of the rows read become resident."""
+    """Documents of tokenized Arrow stream files (``input_ids`` and ``labels`` int32 list columns; the files
+    in row order) by row index. Use as a context manager (it holds the files open)."""
 
-    def __init__(self, table):
-        chunks = {name: table.column(name).chunks for name in ("input_ids", "labels")}
-        self.chunk_starts = np.cumsum([0] + [len(c) for c in chunks["input_ids"]])
-        # ListArray.offsets index into ListArray.values (the unsliced child), chunk by chunk.
-        self.views = {name: [(c.offsets.to_numpy(), c.values.to_numpy()) for c in chunks[name]] for name in chunks}
+    COLUMNS = ("input_ids", "labels")
+
+    def __init__(self, paths: list[Path]):
+        import pyarrow as pa
+
+        self.fds, self.chunk_rows, self.where = [], [0], {name: [] for name in self.COLUMNS}
+        for path in paths:
+            mapped = pa.memory_map(str(path), "r")
+            whole = mapped.read_buffer()  # zero-copy: its address is the file's first byte
+            fd = os.open(path, os.O_RDONLY)
+            self.fds.append(fd)
+            for batch in pa.ipc.open_stream(whole):
+                self.chunk_rows.append(self.chunk_rows[-1] + batch.num_rows)
+                for name in self.COLUMNS:
+                    lists = batch.column(name)
+                    # ListArray.offsets index into ListArray.values (the unsliced child array).
+                    values_at = lists.values.buffers()[1].address - whole.address + 4 * lists.values.offset
+                    self.where[name].append((fd, values_at, lists.offsets.to_numpy()))
+        self.chunk_rows = np.asarray(self.chunk_rows, dtype=np.int64)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for fd in self.fds:
+            os.close(fd)
 
     def read(self, name: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(the tokens of ``rows`` one document after another, each document's length) of column ``name``."""
-        chunk = np.searchsorted(self.chunk_starts, rows, side="right") - 1
-        local = rows - self.chunk_starts[chunk]
-        views = self.views[name]
-        parts = [views[c][1][views[c][0][i]:views[c][0][i + 1]] for c, i in zip(chunk.tolist(), local.tolist())]
-        lens = np.fromiter((len(p) for p in parts), dtype=np.int64, count=len(parts))
-        return (np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)), lens
+        chunk = np.searchsorted(self.chunk_rows, rows, side="right") - 1
+        local = rows - self.chunk_rows[chunk]
+        where, parts = self.where[name], []
+        for c, i in zip(chunk.tolist(), local.tolist()):
+            fd, values_at, offsets = where[c]
+            start, end = int(offsets[i]), int(offsets[i + 1])
+            parts.append(os.pread(fd, 4 * (end - start), values_at + 4 * start))
+        lens = np.fromiter((len(p) // 4 for p in parts), dtype=np.int64, count=len(parts))
+        return np.frombuffer(b"".join(parts), dtype=np.int32), lens
 
 
 def write_shard(tokens: TokenRows, out_dir: Path, split: str, name: str, rows: np.ndarray, seq_tokens: np.ndarray,

@@ -109,7 +109,7 @@ def test_batched_csv_reader_reads_the_rows_datasets_from_csv_reads(tmp_path, mon
 
 
 def test_token_rows_read_scattered_documents_as_a_selection_does(tmp_path):
-    # Equivalence: documents read as slices of the mapped buffers vs Dataset.select(rows) (the slow,
+    # Equivalence: documents read from the file at their buffers' offsets vs Dataset.select(rows) (the slow,
     # obvious reading), over a file written in chunks of 3 rows, rows in a scattered order with a repeat.
     import datasets
 
@@ -122,12 +122,12 @@ def test_token_rows_read_scattered_documents_as_a_selection_does(tmp_path):
                   batched=True, batch_size=3, writer_batch_size=3, cache_file_name=str(tmp_path / "tok.arrow"))
     assert ds.data.table.column("input_ids").num_chunks > 1
     rows = np.array([17, 3, 3, 0, 19, 8, 11, 5])
-    tokens = TokenRows(ds.data.table)
-    for name in ("input_ids", "labels"):
-        flat, lens = tokens.read(name, rows)
-        expected = ds.select(rows)[name]
-        assert flat.tolist() == [t for doc in expected for t in doc]
-        assert lens.tolist() == [len(doc) for doc in expected]
+    with TokenRows([tmp_path / "tok.arrow"]) as tokens:
+        for name in ("input_ids", "labels"):
+            flat, lens = tokens.read(name, rows)
+            expected = ds.select(rows)[name]
+            assert flat.tolist() == [t for doc in expected for t in doc]
+            assert lens.tolist() == [len(doc) for doc in expected]
 
 
 def test_page_releaser_with_a_step_releases_only_after_that_much_growth(tmp_path, monkeypatch):
