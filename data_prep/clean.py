@@ -90,9 +90,13 @@ def _content_texts(record: dict) -> list[str]:
     return [m["content"] + m["tool_calls"] for m in record["messages"]]
 
 
+# The encoder json.dumps(obj, ensure_ascii=False, sort_keys=True) builds on every call, built once.
+_JSON = json.JSONEncoder(ensure_ascii=False, sort_keys=True)
+
+
 def hash64(obj) -> int:
     """A stable signed 64-bit hash of a JSON-serialisable value (sha256 prefix)."""
-    digest = hashlib.sha256(json.dumps(obj, ensure_ascii=False, sort_keys=True).encode("utf-8")).digest()
+    digest = hashlib.sha256(_JSON.encode(obj).encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "little", signed=True)
 
 

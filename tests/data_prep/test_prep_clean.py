@@ -143,3 +143,15 @@ def test_dedup_key_equals_its_definition_on_random_whitespace():
     for _ in range(3000):
         text = "".join(rng.choice([" ", "\t", "\n", "\n\n\n", "a", "\u00e9", "\ufb01", "\r"]) for _ in range(12))
         assert dedup_key(text) == collapse_blank_lines(strip_whitespace(unicodedata.normalize("NFKC", text))), text
+
+
+def test_hash64_is_sha256_of_the_sorted_json_text():
+    # The hashes decide splits and deduplication: the encoder built once must write what json.dumps writes.
+    import hashlib
+    import json
+
+    from data_prep.clean import hash64
+
+    for obj in (["text", "caf\u00e9 \u2028 \"q\""], [["user", "x", "", True]], {"b": 1.5, "a": [None, "\ufb01"]}):
+        text = json.dumps(obj, ensure_ascii=False, sort_keys=True)
+        assert hash64(obj) == int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little", signed=True)
