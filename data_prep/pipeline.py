@@ -279,6 +279,7 @@ def _build(cfg, tokenizer, model_ref: tuple, sources, key_parts, cache_key, work
             info = _write_split(cfg, tokens, work, name, doc_idx, lengths, release)
             splits[name] = {"rows_read": rows_read[name], "rows_dropped": drops[name],
                             "truncated_documents": int(truncated[doc_idx].sum()), **info}
+    release.release()  # the report and its plot are the last peak: start them from a trimmed heap
     kind = kinds[0] if len(set(kinds)) == 1 else "mixed"
     manifest = _manifest(cfg, key_parts, cache_key, splits, kind, sources, kinds)
     facts = report_mod.Facts(
