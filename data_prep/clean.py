@@ -135,8 +135,10 @@ def clean_batch(batch: dict, indices: list[int], *, columns: Columns, src: Sourc
     """Clean one batch of raw rows of one source into canonical records plus bookkeeping columns."""
     out = {c: [] for c in CANONICAL_COLUMNS}
     out.update(_drop=[], _why=[], _hash=[], _phash=[], _pprefix=[], _nhash=[], _src=[], _row=[])
+    # Each column looked up once: a lookup in datasets' lazy batch costs more than a list index.
+    given = {column: batch[column] for _, column in columns.names.values() if column in batch}
     for pos, row_index in enumerate(indices):
-        row = {column: batch[column][pos] for _, column in columns.names.values() if column in batch}
+        row = {column: values[pos] for column, values in given.items()}
         try:
             record, drop, why = to_record(row, columns, normalize), "", ""
         except BadRow as bad:

@@ -316,10 +316,11 @@ def labels_from_spans(ids: list[int], offsets: list[tuple[int, int]], spans: lis
 
 
 def finish_document(ids: np.ndarray, labels: np.ndarray, *, eos_id: int | None, seq_len: int,
-                    excess_length: str, where: str) -> dict:
+                    excess_length: str, where) -> dict:
     """Append EOS (when ``eos_id`` is given), apply the first-token rule and the over-length rule.
 
-    Returns one output row of :func:`tokenize_batch`; ``where`` names the row for an error.
+    Returns one output row of :func:`tokenize_batch`; ``where()`` names the row for an error (called only
+    then: building the name of every row cost more than the rule itself).
     """
     if eos_id is not None:
         ids, labels = np.append(ids, np.int32(eos_id)), np.append(labels, np.int32(eos_id))
@@ -327,7 +328,7 @@ def finish_document(ids: np.ndarray, labels: np.ndarray, *, eos_id: int | None, 
     raw_len, drop, truncated = len(ids), "", False
     if raw_len > seq_len:
         if excess_length == "error":
-            raise DataError(f"{where}: {raw_len} tokens after templating, more than data.seq_len {seq_len}; "
+            raise DataError(f"{where()}: {raw_len} tokens after templating, more than data.seq_len {seq_len}; "
                             f"raise data.seq_len, shorten the row, or set data.excess_length: truncate or drop")
         if excess_length == "drop":
             drop = "too_long"
@@ -347,21 +348,23 @@ def tokenize_batch(batch: dict, *, templater: Templater, seq_len: int, excess_le
     n_tokens_raw (before truncation), n_tokens, n_supervised, truncated, special_text (the row's data held a
     special-token string), _drop2 (a drop reason or "").
     """
+    # Each column looked up once: a lookup in datasets' lazy batch costs more than a list index.
+    messages, tools, text, src, row = (batch[c] for c in ("messages", "tools", "text", "_src", "_row"))
     rendered = []
-    for i in range(len(batch["_src"])):
+    for i in range(len(src)):
         try:
-            rendered.append(templater.render({c: batch[c][i] for c in ("messages", "tools", "text")}))
+            rendered.append(templater.render({"messages": messages[i], "tools": tools[i], "text": text[i]}))
         except DataError as exc:
-            raise DataError(f"{where(batch['_src'][i], batch['_row'][i])}: {exc}") from None
-    text_rows = [not m for m in batch["messages"]]
+            raise DataError(f"{where(src[i], row[i])}: {exc}") from None
+    text_rows = [not m for m in messages]
     encoded = templater.encode_batch(rendered, text_rows)
     out = {k: [] for k in ("input_ids", "labels", "n_tokens_raw", "n_tokens", "n_supervised", "truncated",
                            "special_text", "_drop2")}
     for i, (r, (ids, offsets)) in enumerate(zip(rendered, encoded)):
         doc = finish_document(
-            np.asarray(ids, dtype=np.int32), labels_from_spans(ids, offsets, r.spans),
+            np.fromiter(ids, dtype=np.int32, count=len(ids)), labels_from_spans(ids, offsets, r.spans),
             eos_id=templater.tok.eos_token_id if r.append_eos else None, seq_len=seq_len,
-            excess_length=excess_length, where=where(batch["_src"][i], batch["_row"][i]))
+            excess_length=excess_length, where=lambda i=i: where(src[i], row[i]))
         doc["special_text"] = r.data_spans is not None
         for key, value in doc.items():
             out[key].append(value)
