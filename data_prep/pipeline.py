@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import hashlib
 import json
 import shutil
@@ -151,7 +152,7 @@ def read_and_clean(cfg, sources: list[Source], cache: Path, fingerprint: str, on
         ds = raw.map(clean, with_indices=True, remove_columns=raw.column_names, features=clean_features(),
                      fn_kwargs={"columns": cols, "src": src, "src_id": src_id, "normalize": normalize},
                      desc=f"clean {src.path.name}", **_map_kwargs(cfg, cache, f"clean-{src_id}", fingerprint))
-        if equals(ds, "_drop", "bad_row").all():
+        if equals(ds, "_drop", "bad_row", clean.release).all():
             first = ds.select([0])[0]
             raise DataError(f"{src.path}: every row is unusable as {cols.kind} records (first: "
                             f"{row_label(src, first['_row'])}: {first['_why']}); expected "
@@ -162,19 +163,28 @@ def read_and_clean(cfg, sources: list[Source], cache: Path, fingerprint: str, on
     return ds, [c.kind for c in columns]
 
 
-def equals(ds, name: str, value: str) -> np.ndarray:
+def equals(ds, name: str, value: str, release=lambda: None) -> np.ndarray:
     """Boolean mask of rows whose string column ``name`` equals ``value`` (no Python string per row)."""
     import pyarrow.compute as pc
 
-    parts = [pc.equal(b.column(name), value).to_numpy(zero_copy_only=False)
-             for b in ds.select_columns([name]).with_format("arrow").iter(batch_size=100_000)]
-    return np.concatenate(parts).astype(bool) if parts else np.zeros(0, dtype=bool)
+    return _read_column(ds, name, lambda col: pc.equal(col, value).to_numpy(zero_copy_only=False), release) \
+        .astype(bool)
 
 
-def column(ds, name: str) -> np.ndarray:
+def column(ds, name: str, release=lambda: None) -> np.ndarray:
     """One column as a numpy array, read in Arrow batches (respects a selection; no Python objects)."""
-    parts = [b.column(name).to_numpy(zero_copy_only=False)
-             for b in ds.select_columns([name]).with_format("arrow").iter(batch_size=100_000)]
+    return _read_column(ds, name, lambda col: col.to_numpy(zero_copy_only=False), release)
+
+
+def _read_column(ds, name: str, convert, release) -> np.ndarray:
+    # Each part is copied out of the mapping before ``release()``: a column's values sit between the other
+    # columns' buffers of their record batch, and the kernel maps up to 64 KiB around every page read, so
+    # reading one int column of 1M rows mapped ~64 MB unless released as it goes.
+    parts = []
+    for batch in ds.select_columns([name]).with_format("arrow").iter(batch_size=100_000):
+        parts.append(np.array(convert(batch.column(name))))
+        del batch
+        release()
     return np.concatenate(parts) if parts else np.array([])
 
 
@@ -189,10 +199,10 @@ def _empty_data_error(drops: dict, rows_read: dict) -> DataError:
                      f"and that data.validation_fraction + data.test_fraction leave rows for training")
 
 
-def _drop_clean_rows(ds, split_ids: np.ndarray, drops: dict) -> np.ndarray:
+def _drop_clean_rows(ds, split_ids: np.ndarray, drops: dict, release) -> np.ndarray:
     """Row indices that survive empty-field and duplicate drops (counted into ``drops`` per split)."""
-    bad, empty = equals(ds, "_drop", "bad_row"), equals(ds, "_drop", "empty_field")
-    hashes = column(ds, "_hash")
+    bad, empty = equals(ds, "_drop", "bad_row", release), equals(ds, "_drop", "empty_field", release)
+    hashes = column(ds, "_hash", release)
     nonempty = np.flatnonzero(~empty & ~bad)
     duplicate = np.zeros(len(hashes), dtype=bool)
     duplicate[nonempty] = ~first_occurrences(hashes[nonempty])
@@ -255,22 +265,23 @@ def _build(cfg, tokenizer, model_ref: tuple, sources, key_parts, cache_key, work
     templaters: list[Templater] = []
     ds, kinds = read_and_clean(cfg, sources, cache, cache_key[:16],
                                on_kinds=lambda k: templaters.append(make_templater(cfg, tokenizer, k)), release=release)
-    split_ids = assign_splits(column(ds, "_hash"), cfg.validation_fraction, cfg.test_fraction)
+    col, eq = functools.partial(column, release=release), functools.partial(equals, release=release)
+    split_ids = assign_splits(col(ds, "_hash"), cfg.validation_fraction, cfg.test_fraction)
     rows_read = _count_by_split(split_ids, np.ones(len(split_ids), dtype=bool))
     drops = {name: dict.fromkeys(DROP_REASONS, 0) for name in SPLITS}
-    kept = _drop_clean_rows(ds, split_ids, drops)
+    kept = _drop_clean_rows(ds, split_ids, drops, release)
     if not len(kept):
         raise _empty_data_error(drops, rows_read)
     release()
     tok = _tokenize(cfg, ds, kept, templaters[0], sources, cache, cache_key[:16], release)  # row for row with ds
     split_kept = split_ids[kept]
     for r in ("too_long", "no_supervised_tokens"):
-        for name, n in _count_by_split(split_kept, equals(tok, "_drop2", r)[kept]).items():
+        for name, n in _count_by_split(split_kept, eq(tok, "_drop2", r)[kept]).items():
             drops[name][r] = n
-    final = equals(tok, "_drop2", "")[kept]
+    final = eq(tok, "_drop2", "")[kept]
     if not _count_by_split(split_kept, final)["train"]:
         raise _empty_data_error(drops, rows_read)
-    lengths, truncated = column(tok, "n_tokens").astype(np.int64), column(tok, "truncated")
+    lengths, truncated = col(tok, "n_tokens").astype(np.int64), col(tok, "truncated")
     splits = {}
     with TokenRows([Path(f["filename"]) for f in tok.cache_files]) as tokens:
         for name, sid in SPLIT_IDS.items():
@@ -283,12 +294,12 @@ def _build(cfg, tokenizer, model_ref: tuple, sources, key_parts, cache_key, work
     kind = kinds[0] if len(set(kinds)) == 1 else "mixed"
     manifest = _manifest(cfg, key_parts, cache_key, splits, kind, sources, kinds)
     facts = report_mod.Facts(
-        kind=kind, seq_len=cfg.seq_len, raw_lengths=column(tok, "n_tokens_raw")[kept],
-        overlap=cross_split_overlap(column(ds, "_phash")[kept], split_kept),
-        prefix_hashes=column(ds, "_pprefix")[kept], params=report_mod.count_params(*model_ref),
-        near_hashes=column(ds, "_nhash")[kept][final], cleaning_steps=cleaning_steps(cfg),
-        special_text_rows=int(column(tok, "special_text")[kept].sum()),
-        sources=_source_counts(ds, column(ds, "_src")[kept][final], sources, kinds))
+        kind=kind, seq_len=cfg.seq_len, raw_lengths=col(tok, "n_tokens_raw")[kept],
+        overlap=cross_split_overlap(col(ds, "_phash")[kept], split_kept),
+        prefix_hashes=col(ds, "_pprefix")[kept], params=report_mod.count_params(*model_ref),
+        near_hashes=col(ds, "_nhash")[kept][final], cleaning_steps=cleaning_steps(cfg),
+        special_text_rows=int(col(tok, "special_text")[kept].sum()),
+        sources=_source_counts(ds, col(ds, "_src")[kept][final], sources, kinds, release))
     report = report_mod.build_report(manifest, facts)
     (work / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
     report_mod.plot_lengths(facts.raw_lengths, cfg.seq_len, work / "lengths.png")
@@ -297,10 +308,10 @@ def _build(cfg, tokenizer, model_ref: tuple, sources, key_parts, cache_key, work
     return manifest, report
 
 
-def _source_counts(ds, final_src: np.ndarray, sources: list[Source], kinds: list[str]) -> list[dict]:
+def _source_counts(ds, final_src: np.ndarray, sources: list[Source], kinds: list[str], release) -> list[dict]:
     """Per source: its record type, rows read, documents kept, and its bad rows by reason with the first
     few named by file and line."""
-    src_all, bad = column(ds, "_src"), equals(ds, "_drop", "bad_row")
+    src_all, bad = column(ds, "_src", release), equals(ds, "_drop", "bad_row", release)
     bad_rows = ds.select(np.flatnonzero(bad)).select_columns(["_src", "_row", "_why"]).to_list() if bad.any() else []
     out = []
     for src_id, (src, kind) in enumerate(zip(sources, kinds)):
