@@ -140,3 +140,15 @@ def test_page_releaser_with_a_step_releases_only_after_that_much_growth(tmp_path
     grown = np.ones(80 * 2**20, dtype=np.uint8)  # 80 MiB resident
     releaser()
     assert len(calls) == 2 and grown.sum() == len(grown)
+
+
+def test_column_reads_release_after_every_batch_and_read_the_same():
+    import datasets
+
+    values = np.arange(250_000, dtype=np.int64) * 7 % 1000
+    ds = datasets.Dataset.from_dict({"n": values, "s": np.where(values % 3 == 0, "a", "b").tolist()})
+    calls = []
+    release = lambda: calls.append(1)  # noqa: E731
+    assert np.array_equal(pipeline.column(ds, "n", release), values) and len(calls) == 3  # 100,000-row batches
+    assert np.array_equal(pipeline.equals(ds, "s", "a", release), values % 3 == 0) and len(calls) == 6
+    assert np.array_equal(pipeline.column(ds.select([5, 2]), "n"), values[[5, 2]])
