@@ -15,6 +15,7 @@ examples:
   zerotune tiny-model models/tiny --train-text examples/data/data_science_questions.csv
   zerotune prep examples/demo.yaml
   zerotune prep examples/demo.yaml --set data.seq_len=256 --set data.packing=false
+  zerotune prep examples/demo.yaml --slurm --nodes 4 --time 01:00:00
 """
 
 
@@ -33,8 +34,11 @@ def _load(args):
 
 def cmd_prep(args) -> int:
     from data_prep.pipeline import prepare
+    from launcher import prep_slurm
 
     cfg = _load(args)
+    if prep_slurm.is_distributed(args):
+        return prep_slurm.run(args, cfg)
     prepare(cfg.data, tokenizer_path=cfg.model.name_or_path, force=args.force, revision=cfg.model.revision)
     return 0
 
@@ -61,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(inputs, tokenizer, template, settings) is unchanged.")
     _add_config_args(p)
     p.add_argument("--force", action="store_true", help="rebuild even if the cache key matches")
+    from launcher.prep_slurm import add_arguments as add_distributed_prep_arguments
+
+    add_distributed_prep_arguments(p)
     p.set_defaults(func=cmd_prep)
 
     p = sub.add_parser("tiny-model", help="write a tiny random-init Llama and a BPE tokenizer (offline demo/tests)",
