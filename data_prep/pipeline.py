@@ -14,6 +14,7 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -212,6 +213,31 @@ def _drop_clean_rows(ds, split_ids: np.ndarray, drops: dict, release) -> np.ndar
     return np.flatnonzero(~bad & ~empty & ~duplicate)
 
 
+class Kept(NamedTuple):
+    """The cleaned rows and what the first stages decided about them (:func:`clean_and_keep`)."""
+
+    ds: object  # every cleaned row, in source order
+    kinds: list[str]  # record type per source
+    split_ids: np.ndarray  # split per row of ``ds``
+    rows_read: dict  # rows per split
+    drops: dict  # per split, rows dropped per reason so far
+    kept: np.ndarray  # rows of ``ds`` that survive the bad-row, empty-field and duplicate drops
+
+
+def clean_and_keep(cfg, sources: list[Source], cache: Path, fingerprint: str, on_kinds, release) -> Kept:
+    """Read and clean every source, give each row its split and drop bad, empty and duplicate rows: the
+    stages the single-process and the distributed prep share. A DataError when no row is left."""
+    ds, kinds = read_and_clean(cfg, sources, cache, fingerprint, on_kinds=on_kinds, release=release)
+    split_ids = assign_splits(column(ds, "_hash", release), cfg.validation_fraction, cfg.test_fraction)
+    rows_read = _count_by_split(split_ids, np.ones(len(split_ids), dtype=bool))
+    drops = {name: dict.fromkeys(DROP_REASONS, 0) for name in SPLITS}
+    kept = _drop_clean_rows(ds, split_ids, drops, release)
+    if not len(kept):
+        raise _empty_data_error(drops, rows_read)
+    release()
+    return Kept(ds, kinds, split_ids, rows_read, drops, kept)
+
+
 def make_templater(cfg, tokenizer, kinds: list[str]) -> Templater:
     """The templater for sources of ``kinds``; a DataError when the template cannot work (no chat template,
     seq_len too small)."""
@@ -263,16 +289,9 @@ def _build(cfg, tokenizer, model_ref: tuple, sources, key_parts, cache_key, work
     cache = work / "_cache"
     release = PageReleaser([work] + [src.path for src in sources if src.fmt == "arrow"])
     templaters: list[Templater] = []
-    ds, kinds = read_and_clean(cfg, sources, cache, cache_key[:16],
-                               on_kinds=lambda k: templaters.append(make_templater(cfg, tokenizer, k)), release=release)
+    ds, kinds, split_ids, rows_read, drops, kept = clean_and_keep(
+        cfg, sources, cache, cache_key[:16], lambda k: templaters.append(make_templater(cfg, tokenizer, k)), release)
     col, eq = functools.partial(column, release=release), functools.partial(equals, release=release)
-    split_ids = assign_splits(col(ds, "_hash"), cfg.validation_fraction, cfg.test_fraction)
-    rows_read = _count_by_split(split_ids, np.ones(len(split_ids), dtype=bool))
-    drops = {name: dict.fromkeys(DROP_REASONS, 0) for name in SPLITS}
-    kept = _drop_clean_rows(ds, split_ids, drops, release)
-    if not len(kept):
-        raise _empty_data_error(drops, rows_read)
-    release()
     tok = _tokenize(cfg, ds, kept, templaters[0], sources, cache, cache_key[:16], release)  # row for row with ds
     split_kept = split_ids[kept]
     for r in ("too_long", "no_supervised_tokens"):
