@@ -173,7 +173,15 @@ def clean_features():
 
 def first_occurrences(hashes: np.ndarray) -> np.ndarray:
     """Boolean mask, True at the first occurrence of each hash (exact deduplication, order kept)."""
-    _, first = np.unique(hashes, return_index=True)
+    # One stable sort (equal hashes keep row order, so a run's first entry is the first occurrence): 16
+    # bytes a row beside the input, where np.unique(return_index=True) held a copy, its sort order, the
+    # sorted values and both outputs (~40).
+    order = np.argsort(hashes, kind="stable")
+    ranked = hashes[order]
+    starts = np.empty(len(hashes), dtype=bool)
+    starts[:1] = True
+    np.not_equal(ranked[1:], ranked[:-1], out=starts[1:])
+    del ranked
     keep = np.zeros(len(hashes), dtype=bool)
-    keep[first] = True
+    keep[order[starts]] = True
     return keep
