@@ -102,6 +102,16 @@ def test_first_occurrences_keeps_first_of_each():
     assert mask.tolist() == [True, True, False, True, False]
 
 
+def test_first_occurrences_matches_np_unique_first_indices():
+    # The reference: np.unique's first index of every distinct hash (what dedup used before).
+    rng = np.random.default_rng(0)
+    for hashes in (rng.integers(-50, 50, 10_000), rng.integers(-2**63, 2**63 - 1, 5_000, dtype=np.int64),
+                   np.zeros(0, dtype=np.int64), np.array([7])):
+        expected = np.zeros(len(hashes), dtype=bool)
+        expected[np.unique(hashes, return_index=True)[1]] = True
+        assert np.array_equal(first_occurrences(hashes), expected)
+
+
 def test_sharegpt_function_call_and_observation_become_a_tool_call_and_its_result():
     from data_prep.config import DEFAULT_SHAREGPT_ROLES
 

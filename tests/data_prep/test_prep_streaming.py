@@ -152,3 +152,17 @@ def test_column_reads_release_after_every_batch_and_read_the_same():
     assert np.array_equal(pipeline.column(ds, "n", release), values) and len(calls) == 3  # 100,000-row batches
     assert np.array_equal(pipeline.equals(ds, "s", "a", release), values % 3 == 0) and len(calls) == 6
     assert np.array_equal(pipeline.column(ds.select([5, 2]), "n"), values[[5, 2]])
+
+
+def test_column_reads_of_selected_rows_read_what_indexing_the_whole_column_reads():
+    import datasets
+
+    values = np.arange(250_000, dtype=np.int64) * 7 % 1000
+    ds = datasets.Dataset.from_dict({"n": values, "s": np.where(values % 3 == 0, "a", "b").tolist()})
+    rng = np.random.default_rng(0)
+    for rows in (np.sort(rng.choice(len(values), 1_234, replace=False)).astype(np.int32),  # across batches
+                 np.array([0, 99_999, 100_000, 249_999]), np.arange(100_000, 200_000), np.zeros(0, dtype=np.int32)):
+        got = pipeline.column(ds, "n", rows=rows)
+        assert got.dtype == np.int64 and np.array_equal(got, values[rows])
+        assert np.array_equal(pipeline.equals(ds, "s", "a", rows=rows), values[rows] % 3 == 0)
+    assert pipeline.row_index_dtype(2**31 - 1) == np.int32 and pipeline.row_index_dtype(2**31) == np.int64
