@@ -151,8 +151,10 @@ def clean_batch(batch: dict, indices: list[int], *, columns: Columns, src: Sourc
         out["_drop"].append(drop)
         out["_why"].append(why)
         out["_hash"].append(_dedup_hash(record))
-        out["_phash"].append(hash64(prompt) if prompt else 0)
-        out["_pprefix"].append(hash64(prompt[:PREFIX_CHARS]) if prompt else 0)
+        phash = hash64(prompt) if prompt else 0
+        out["_phash"].append(phash)
+        # A prompt within the prefix length is its own prefix: same hash, not hashed twice.
+        out["_pprefix"].append(hash64(prompt[:PREFIX_CHARS]) if len(prompt) > PREFIX_CHARS else phash)
         out["_nhash"].append(hash64([loose_key(t) for t in _content_texts(record)]))
         out["_src"].append(src_id)
         out["_row"].append(row_index)

@@ -302,16 +302,18 @@ def _common_prefix(a: str, b: str) -> str:
     return a[:k]
 
 
-def labels_from_spans(ids: list[int], offsets: list[tuple[int, int]], spans: list[Span]) -> np.ndarray:
-    """Labels aligned with ids: the id where the token overlaps a supervised span, else IGNORE_INDEX."""
-    ids_arr = np.fromiter(ids, dtype=np.int32, count=len(ids))
+def labels_from_spans(ids, offsets: list[tuple[int, int]], spans: list[Span]) -> np.ndarray:
+    """Labels aligned with ids (an int32 array, or a list): the id where the token overlaps a supervised
+    span, else IGNORE_INDEX."""
+    ids_arr = np.asarray(ids, dtype=np.int32)  # tokenize_batch passes the array it built: no second copy
     if not len(ids_arr):
         return ids_arr
     # fromiter over the flattened pairs: np.asarray on a list of tuples costs ~10x more per token.
     off = np.fromiter(itertools.chain.from_iterable(offsets), dtype=np.int64, count=2 * len(ids)).reshape(-1, 2)
+    starts, ends = off[:, 0], off[:, 1]
     mask = np.zeros(len(ids_arr), dtype=bool)
     for start, end in spans:
-        mask |= (off[:, 0] < end) & (off[:, 1] > start)
+        mask |= (starts < end) & (ends > start)
     return np.where(mask, ids_arr, IGNORE_INDEX).astype(np.int32)
 
 
@@ -361,8 +363,9 @@ def tokenize_batch(batch: dict, *, templater: Templater, seq_len: int, excess_le
     out = {k: [] for k in ("input_ids", "labels", "n_tokens_raw", "n_tokens", "n_supervised", "truncated",
                            "special_text", "_drop2")}
     for i, (r, (ids, offsets)) in enumerate(zip(rendered, encoded)):
+        ids = np.fromiter(ids, dtype=np.int32, count=len(ids))
         doc = finish_document(
-            np.fromiter(ids, dtype=np.int32, count=len(ids)), labels_from_spans(ids, offsets, r.spans),
+            ids, labels_from_spans(ids, offsets, r.spans),
             eos_id=templater.tok.eos_token_id if r.append_eos else None, seq_len=seq_len,
             excess_length=excess_length, where=lambda i=i: where(src[i], row[i]))
         doc["special_text"] = r.data_spans is not None

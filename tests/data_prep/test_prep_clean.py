@@ -165,3 +165,16 @@ def test_hash64_is_sha256_of_the_sorted_json_text():
     for obj in (["text", "caf\u00e9 \u2028 \"q\""], [["user", "x", "", True]], {"b": 1.5, "a": [None, "\ufb01"]}):
         text = json.dumps(obj, ensure_ascii=False, sort_keys=True)
         assert hash64(obj) == int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little", signed=True)
+
+
+def test_prompt_prefix_hash_is_the_hash_of_the_prompts_first_characters():
+    from data_prep.clean import PREFIX_CHARS, hash64, prompt_of
+
+    questions = ["q" * (PREFIX_CHARS - 30), "w" * (PREFIX_CHARS - 6), "e" * (PREFIX_CHARS + 50), ""]
+    batch = {"q": questions, "a": ["yes"] * len(questions)}
+    out = clean_batch(batch, list(range(len(questions))), columns=PR, src=SRC, src_id=0, normalize=KEEP)
+    for i, messages in enumerate(out["messages"]):
+        prompt = prompt_of({"messages": messages, "tools": "", "text": ""})
+        assert out["_pprefix"][i] == (hash64(prompt[:PREFIX_CHARS]) if prompt else 0)
+        assert out["_phash"][i] == (hash64(prompt) if prompt else 0)
+    assert out["_pprefix"][2] != out["_phash"][2]  # the long prompt really is cut
