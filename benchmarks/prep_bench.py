@@ -156,6 +156,9 @@ def main() -> None:
     parser.add_argument("--core", action="store_true", help="also time render + tokenize of the largest scale")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO_ROOT))
+    # Inherited by every child: unset, num_proc 1 tokenizes on the fast tokenizer's Rust threads too (datasets'
+    # worker processes turn them off); "false" runs every side on one thread per process.
+    print(f"TOKENIZERS_PARALLELISM={os.environ.get('TOKENIZERS_PARALLELISM', '(unset)')}", flush=True)
     from training.tiny_model import write_tiny_model
 
     results = []
