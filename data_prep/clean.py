@@ -176,7 +176,7 @@ def clean_features():
 def first_occurrences(hashes: np.ndarray) -> np.ndarray:
     """Boolean mask, True at the first occurrence of each hash (exact deduplication, order kept)."""
     # One stable sort (equal hashes keep row order, so a run's first entry is the first occurrence): 16
-    # bytes a row beside the input, where np.unique(return_index=True) held a copy, its sort order, the
+    # bytes a row beside the input at most, where np.unique(return_index=True) held a copy, its sort order, the
     # sorted values and both outputs (~40).
     order = np.argsort(hashes, kind="stable")
     ranked = hashes[order]
@@ -184,6 +184,6 @@ def first_occurrences(hashes: np.ndarray) -> np.ndarray:
     starts[:1] = True
     np.not_equal(ranked[1:], ranked[:-1], out=starts[1:])
     del ranked
-    keep = np.zeros(len(hashes), dtype=bool)
-    keep[order[starts]] = True
+    keep = np.empty(len(hashes), dtype=bool)
+    keep[order] = starts  # order is a permutation: every row is set
     return keep

@@ -218,17 +218,21 @@ def _empty_data_error(drops: dict, rows_read: dict) -> DataError:
                      f"and that data.validation_fraction + data.test_fraction leave rows for training")
 
 
-def _drop_clean_rows(ds, hashes: np.ndarray, split_ids: np.ndarray, drops: dict, release) -> np.ndarray:
+def _drop_clean_rows(ds, split_ids: np.ndarray, drops: dict, release) -> np.ndarray:
     """Row indices that survive empty-field and duplicate drops (counted into ``drops`` per split)."""
     bad, empty = equals(ds, "_drop", "bad_row", release), equals(ds, "_drop", "empty_field", release)
     usable = ~empty & ~bad
-    duplicate = np.zeros(len(hashes), dtype=bool)
-    duplicate[usable] = ~first_occurrences(hashes[usable])
+    # Only the usable rows' hashes are read (the whole column is not held beside them while dedup sorts).
+    rows = np.flatnonzero(usable).astype(row_index_dtype(len(usable)))
+    first = first_occurrences(column(ds, "_hash", release, rows))
+    del rows
+    duplicate = np.zeros(len(usable), dtype=bool)
+    duplicate[usable] = ~first
     for reason, mask in (("bad_row", bad), ("empty_field", empty), ("duplicate", duplicate)):
         for name, n in _count_by_split(split_ids, mask).items():
             drops[name][reason] = n
     usable &= ~duplicate
-    return np.flatnonzero(usable).astype(row_index_dtype(len(hashes)))
+    return np.flatnonzero(usable).astype(row_index_dtype(len(usable)))
 
 
 class Kept(NamedTuple):
@@ -246,12 +250,10 @@ def clean_and_keep(cfg, sources: list[Source], cache: Path, fingerprint: str, on
     """Read and clean every source, give each row its split and drop bad, empty and duplicate rows: the
     stages the single-process and the distributed prep share. A DataError when no row is left."""
     ds, kinds = read_and_clean(cfg, sources, cache, fingerprint, on_kinds=on_kinds, release=release)
-    hashes = column(ds, "_hash", release)
-    split_ids = assign_splits(hashes, cfg.validation_fraction, cfg.test_fraction)
+    split_ids = assign_splits(column(ds, "_hash", release), cfg.validation_fraction, cfg.test_fraction)
     rows_read = _count_by_split(split_ids, np.ones(len(split_ids), dtype=bool))
     drops = {name: dict.fromkeys(DROP_REASONS, 0) for name in SPLITS}
-    kept = _drop_clean_rows(ds, hashes, split_ids, drops, release)
-    del hashes
+    kept = _drop_clean_rows(ds, split_ids, drops, release)
     if not len(kept):
         raise _empty_data_error(drops, rows_read)
     release()
@@ -329,7 +331,7 @@ def _build(cfg, tokenizer, model_ref: tuple, sources, key_parts, cache_key, work
     splits = {}
     with TokenRows([Path(f["filename"]) for f in tok.cache_files]) as tokens:
         for name, sid in SPLIT_IDS.items():
-            docs = np.flatnonzero(final & (split_kept == sid))  # positions in kept
+            docs = final & (split_kept == sid)  # a mask over kept, not an int64 index per document
             release()
             info = _write_split(cfg, tokens, work, name, kept[docs], lengths[docs], release)
             splits[name] = {"rows_read": rows_read[name], "rows_dropped": drops[name],
@@ -351,6 +353,7 @@ def _build(cfg, tokenizer, model_ref: tuple, sources, key_parts, cache_key, work
     (work / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
     raw_lengths = facts.raw_lengths
     del facts  # the hash arrays are done with; the plot, the run's last peak, needs the lengths only
+    release.release()  # and hand their pages (kept by the heap once freed) back before it
     report_mod.plot_lengths(raw_lengths, cfg.seq_len, work / "lengths.png")
     # The manifest goes last: a folder is complete only when it has one.
     (work / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
