@@ -15,8 +15,9 @@ The output depends on the inputs and settings only: documents go to units by has
 on its own, so 1 worker and N workers write the same bytes. The layout (one packed shard per unit) is part
 of the cache key, so it never passes for a single-process prep's output or the reverse.
 
-At scale: the split step holds 8 bytes per row for dedup and 13 per kept document for the unit, split and order
-arrays; each worker holds one unit's tokenized batch at a time (the stages stream through datasets on
+At scale: the split step's dedup sorts the usable rows' 8-byte hashes (~25 bytes a row while it sorts: the
+hashes, their sort order and the sorted copy) and it holds 13 bytes per kept document for the unit, split
+and order arrays; each worker holds one unit's tokenized batch at a time (the stages stream through datasets on
 disk); the finish step holds the report's per-document arrays (about 40 bytes per document) and copies no
 shard bytes (hard links on the same filesystem).
 """
