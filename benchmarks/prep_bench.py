@@ -1,17 +1,22 @@
 """Prep throughput and peak memory, on the bundled sample and on a synthetic enlargement of it.
 
-Run by hand (not a test):  python benchmarks/prep_bench.py [--scales 1 100] [--num-proc 1] [--seq-len 512] [--core]
+Run by hand (not a test):  python benchmarks/prep_bench.py [--scales 1 100] [--num-proc 1 [2]] [--seq-len 512]
+[--core]
 Before/after:  python benchmarks/prep_bench.py --scales 100 --baseline DIR [--pairs 3]
 (DIR: another checkout, e.g. `git worktree add /tmp/base main`; each pair runs the baseline's prep, then
 this checkout's, on the same data and tokenizer, and prints the ratios after/before.)
 
 Each case runs `prepare` in a fresh child process; this script samples the RSS of that process and all its
 children every 20 ms and reports the high-water mark (the sum over the tree), the wall time, and tokens/s
-(all templated tokens written, every split). ``--core`` also times prep's core work on the largest scale's
-rows in one process: rendering the chat template and tokenizing (``Templater.render`` + ``encode_batch`` in
-batches of data.map_batch_size, on records cleaned beforehand, untimed), and prints end to end / core as a
-ratio of tokens/s from the same run. The enlargement repeats every row with varied numbers and
-words, so deduplication keeps the copies and the work really grows with the scale.
+(all templated tokens written, every split); CPU seconds count the prep process and its worker processes
+(data.num_proc > 1). With several ``--num-proc`` values each scale runs once per value, and the last
+scale's wall and CPU rates are printed as ratios to the first value's (``--num-proc 1 2``: the scaling of
+data.num_proc 2; its wall ratio wants an otherwise idle machine). ``--core`` also times prep's core work on
+the largest scale's rows in one process: rendering the chat template and tokenizing (``Templater.render``
++ ``encode_batch`` in batches of data.map_batch_size, on records cleaned beforehand, untimed), and prints
+end to end / core as a ratio of tokens/s and of tokens per CPU-second from the same run. The enlargement
+repeats every row with varied numbers and words, so deduplication keeps the copies and the work really
+grows with the scale.
 """
 
 from __future__ import annotations
@@ -33,13 +38,14 @@ SAMPLE = REPO_ROOT / "examples" / "data" / "data_science_questions.csv"
 _SWAPS = ["for example", "in practice", "as a rule", "typically", "in short", "notably", "often", "usually"]
 
 CHILD = """
-import json, sys, time
+import json, os, sys, time
 from data_prep.config import DataConfig
 from data_prep.pipeline import prepare
 cfg = DataConfig(**json.loads(sys.argv[1]))
-t0, c0 = time.perf_counter(), time.process_time()
+cpu = lambda: sum(os.times()[:4])  # this process and its finished children (datasets' worker processes)
+t0, c0 = time.perf_counter(), cpu()
 m = prepare(cfg, sys.argv[2], force=True)
-print("RESULT", json.dumps({"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
+print("RESULT", json.dumps({"seconds": time.perf_counter() - t0, "cpu_seconds": cpu() - c0,
       "tokens": sum(s["tokens"] for s in m["splits"].values()),
       "documents": sum(s["documents"] for s in m["splits"].values())}))
 """
@@ -127,7 +133,7 @@ def compare(data: Path, model: Path, tmp: Path, args) -> None:
     for pair in range(args.pairs):
         runs = {}
         for side, root in (("before", Path(args.baseline).resolve()), ("after", REPO_ROOT)):
-            runs[side] = r = run_case(data, model, tmp / f"out-{side}-{pair}", args.seq_len, args.num_proc, root)
+            runs[side] = r = run_case(data, model, tmp / f"out-{side}-{pair}", args.seq_len, args.num_proc[0], root)
             print(f"pair {pair} {side:<6} tokens {r['tokens']:>9}  {r['seconds']:7.1f} s  {r['cpu_seconds']:7.1f} "
                   f"CPU s  {r['tokens_per_s']:>8} tokens/s  {r['tokens_per_cpu_s']:>8} tokens/CPU-s  "
                   f"peak RSS {r['peak_rss_mib']:7.1f} MiB", flush=True)
@@ -143,13 +149,16 @@ def main() -> None:
     """Run the scales asked for and print one line each, then the marginal rate and the memory ratio."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scales", type=int, nargs="+", default=[1, 100])
-    parser.add_argument("--num-proc", type=int, default=1)
+    parser.add_argument("--num-proc", type=int, nargs="+", default=[1])
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--baseline", help="another checkout to compare against (before/after pairs)")
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--core", action="store_true", help="also time render + tokenize of the largest scale")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO_ROOT))
+    # Inherited by every child: unset, num_proc 1 tokenizes on the fast tokenizer's Rust threads too (datasets'
+    # worker processes turn them off); "false" runs every side on one thread per process.
+    print(f"TOKENIZERS_PARALLELISM={os.environ.get('TOKENIZERS_PARALLELISM', '(unset)')}", flush=True)
     from training.tiny_model import write_tiny_model
 
     results = []
@@ -163,11 +172,19 @@ def main() -> None:
         for scale in args.scales:
             data = tmp / f"x{scale}.csv"
             rows = enlarge(SAMPLE, data, scale)
-            r = run_case(data, model, tmp / f"out{scale}", args.seq_len, args.num_proc)
-            print(f"scale {scale:>4}x  rows {rows:>7}  docs {r['documents']:>7}  tokens {r['tokens']:>9}  "
-                  f"{r['seconds']:7.1f} s  {r['tokens_per_s']:>8} tokens/s  peak RSS {r['peak_rss_mib']:7.1f} MiB",
-                  flush=True)
-            results.append(r)
+            by_procs = {}
+            for procs in args.num_proc:
+                by_procs[procs] = r = run_case(data, model, tmp / f"out{scale}", args.seq_len, procs)
+                print(f"scale {scale:>4}x  num_proc {procs}  rows {rows:>7}  docs {r['documents']:>7}  tokens "
+                      f"{r['tokens']:>9}  {r['seconds']:7.1f} s  {r['cpu_seconds']:7.1f} CPU s  {r['tokens_per_s']:>8} "
+                      f"tokens/s  {r['tokens_per_cpu_s']:>8} tokens/CPU-s  peak RSS {r['peak_rss_mib']:7.1f} MiB  "
+                      f"load average {os.getloadavg()[0]:.1f}", flush=True)
+            results.append(by_procs[args.num_proc[0]])
+        first = by_procs[args.num_proc[0]]
+        for procs, r in list(by_procs.items())[1:]:
+            print(f"num_proc {procs} / num_proc {args.num_proc[0]} at {args.scales[-1]}x: wall rate "
+                  f"{r['tokens_per_s'] / first['tokens_per_s']:.3f}x, rate per CPU-second "
+                  f"{r['tokens_per_cpu_s'] / first['tokens_per_cpu_s']:.3f}x", flush=True)
         if args.core:
             core = run_case(data, model, tmp / "core", args.seq_len, 1, script=CORE)
             print(f"core (render + tokenize, 1 process) tokens {core['tokens']:>9}  {core['seconds']:7.1f} s  "

@@ -15,14 +15,16 @@ The output depends on the inputs and settings only: documents go to units by has
 on its own, so 1 worker and N workers write the same bytes. The layout (one packed shard per unit) is part
 of the cache key, so it never passes for a single-process prep's output or the reverse.
 
-At scale: the split step holds 8 bytes per row for dedup and 13 per kept document for the unit, split and order
-arrays; each worker holds one unit's tokenized batch at a time (the stages stream through datasets on
+At scale: the split step's dedup sorts the usable rows' 8-byte hashes (~25 bytes a row while it sorts: the
+hashes, their sort order and the sorted copy) and it holds 13 bytes per kept document for the unit, split
+and order arrays; each worker holds one unit's tokenized batch at a time (the stages stream through datasets on
 disk); the finish step holds the report's per-document arrays (about 40 bytes per document) and copies no
 shard bytes (hard links on the same filesystem).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -38,12 +40,11 @@ from .format import SPLITS, shard_files
 from .outdir import check_replaceable, make_work_dir, publish
 from .pack import no_packing, pack_best_fit, packing_efficiency
 from .pages import PageReleaser
-from .pipeline import (DROP_REASONS, _complete_manifest, _count_by_split, _drop_clean_rows, _empty_data_error,
-                       _manifest, _sha256_json, _source_counts, _tokenize, cache_key_parts, column, equals,
-                       load_tokenizer, make_templater, read_and_clean)
+from .pipeline import (_complete_manifest, _empty_data_error, _manifest, _sha256_json, _source_counts, _tokenize,
+                       cache_key_parts, clean_and_keep, column, equals, load_tokenizer, make_templater)
 from .readers import expand_sources
-from .shards import write_shard
-from .split import SPLIT_IDS, assign_splits, cross_split_overlap
+from .shards import TokenRows, write_shard
+from .split import SPLIT_IDS, cross_split_overlap
 from .units import UNIT_DONE_FILE, describe_units, missing_units, shard_name, unit_dir, unit_of, units_of_worker
 
 LAYOUT = "one packed shard per hash unit"  # the manifest's packing_scope, and part of the cache key
@@ -95,15 +96,9 @@ def split_step(cfg, tokenizer_path: str, revision: str | None = None, force: boo
 def _split_into(cfg, tokenizer, key_parts: dict, cache_key: str, tmp: Path) -> dict:
     sources = expand_sources(cfg.sources)
     release = PageReleaser([tmp] + [src.path for src in sources if src.fmt == "arrow"])
-    ds, kinds = read_and_clean(cfg, sources, tmp / "_cache", cache_key[:16],
-                               on_kinds=lambda k: make_templater(cfg, tokenizer, k), release=release)
-    split_ids = assign_splits(column(ds, "_hash"), cfg.validation_fraction, cfg.test_fraction)
-    rows_read = _count_by_split(split_ids, np.ones(len(split_ids), dtype=bool))
-    drops = {name: dict.fromkeys(DROP_REASONS, 0) for name in SPLITS}
-    kept = _drop_clean_rows(ds, split_ids, drops)
-    if not len(kept):
-        raise _empty_data_error(drops, rows_read)
-    units = unit_of(column(ds, "_hash")[kept], cfg.num_shards)
+    ds, kinds, split_ids, rows_read, drops, kept = clean_and_keep(
+        cfg, sources, tmp / "_cache", cache_key[:16], lambda k: make_templater(cfg, tokenizer, k), release)
+    units = unit_of(column(ds, "_hash", release)[kept], cfg.num_shards)
     # Saved unit after unit (stable: global order inside a unit), so a worker reads its units as contiguous
     # slices of the file instead of rows scattered over all of it.
     order = np.argsort(units, kind="stable")
@@ -112,7 +107,7 @@ def _split_into(cfg, tokenizer, key_parts: dict, cache_key: str, tmp: Path) -> d
     np.save(tmp / "split.npy", split_ids[kept][order])
     facts = {"cache_key": cache_key, "key_parts": key_parts, "num_units": cfg.num_shards, "kinds": kinds,
              "rows_read": rows_read, "drops": drops,
-             "sources": _source_counts(ds, np.zeros(0, dtype=np.int32), sources, kinds)}
+             "sources": _source_counts(ds, np.zeros(0, dtype=np.int32), sources, kinds, release)}
     del ds
     shutil.rmtree(tmp / "_cache", ignore_errors=True)
     (tmp / SPLIT_DONE_FILE).write_text(json.dumps(facts), encoding="utf-8")  # last: the split is complete
@@ -188,23 +183,26 @@ def run_unit(cfg, docs, split_ids: np.ndarray, templater, sources, units_root: P
 def _pack_unit(cfg, docs, split_ids, templater, sources, tmp: Path, unit: int, fingerprint: str, release) -> dict:
     if not len(docs):  # more units than documents: datasets maps an empty table to one without columns
         return _empty_unit(tmp, unit)
-    tok = _tokenize(cfg, docs, templater, sources, tmp / "_cache", f"{fingerprint}-{unit}", release)
-    final = equals(tok, "_drop2", "")
-    lengths, truncated = column(tok, "n_tokens").astype(np.int64), column(tok, "truncated").astype(bool)
+    every = np.arange(len(docs))  # the split step kept only documents that survive its drops
+    tok = _tokenize(cfg, docs, every, templater, sources, tmp / "_cache", f"{fingerprint}-{unit}", release)
+    col, eq = functools.partial(column, release=release), functools.partial(equals, release=release)
+    final = eq(tok, "_drop2", "")
+    lengths, truncated = col(tok, "n_tokens").astype(np.int64), col(tok, "truncated").astype(bool)
     splits = {}
-    for name, sid in SPLIT_IDS.items():
-        in_split = split_ids == sid
-        doc_idx = np.flatnonzero(final & in_split)
-        splits[name] = {"documents": int(len(doc_idx)), "tokens": int(lengths[doc_idx].sum()),
-                        "truncated_documents": int(truncated[doc_idx].sum()),
-                        **{r: int((equals(tok, "_drop2", r) & in_split).sum())
-                           for r in ("too_long", "no_supervised_tokens")},
-                        **_write_unit_shard(cfg, tok, tmp, name, doc_idx, lengths, unit, release)}
-    np.savez(tmp / "arrays.npz", raw_lengths=column(tok, "n_tokens_raw").astype(np.int64),
-             phash=column(docs, "_phash").astype(np.int64), split=split_ids.astype(np.int8),
-             pprefix=column(docs, "_pprefix").astype(np.int64),
-             nhash=column(docs, "_nhash").astype(np.int64)[final], src=column(docs, "_src").astype(np.int64)[final])
-    return {"unit": unit, "special_text_rows": int(column(tok, "special_text").astype(bool).sum()), "splits": splits}
+    with TokenRows([Path(f["filename"]) for f in tok.cache_files]) as tokens:
+        for name, sid in SPLIT_IDS.items():
+            in_split = split_ids == sid
+            doc_idx = np.flatnonzero(final & in_split)
+            splits[name] = {"documents": int(len(doc_idx)), "tokens": int(lengths[doc_idx].sum()),
+                            "truncated_documents": int(truncated[doc_idx].sum()),
+                            **{r: int((eq(tok, "_drop2", r) & in_split).sum())
+                               for r in ("too_long", "no_supervised_tokens")},
+                            **_write_unit_shard(cfg, tokens, tmp, name, doc_idx, lengths, unit, release)}
+    np.savez(tmp / "arrays.npz", raw_lengths=col(tok, "n_tokens_raw").astype(np.int64),
+             phash=col(docs, "_phash").astype(np.int64), split=split_ids.astype(np.int8),
+             pprefix=col(docs, "_pprefix").astype(np.int64),
+             nhash=col(docs, "_nhash").astype(np.int64)[final], src=col(docs, "_src").astype(np.int64)[final])
+    return {"unit": unit, "special_text_rows": int(col(tok, "special_text").astype(bool).sum()), "splits": splits}
 
 
 def _empty_unit(tmp: Path, unit: int) -> dict:
@@ -216,7 +214,7 @@ def _empty_unit(tmp: Path, unit: int) -> dict:
     return {"unit": unit, "special_text_rows": 0, "splits": {name: {**counts, "shard": None} for name in SPLITS}}
 
 
-def _write_unit_shard(cfg, tok, tmp: Path, split: str, doc_idx: np.ndarray, lengths: np.ndarray, unit: int,
+def _write_unit_shard(cfg, tokens: TokenRows, tmp: Path, split: str, doc_idx: np.ndarray, lengths: np.ndarray, unit: int,
                       release) -> dict:
     """Pack one split of a unit (best-fit decreasing within the unit) and write it as the unit's shard."""
     packing = pack_best_fit(lengths[doc_idx], cfg.seq_len) if cfg.packing else no_packing(len(doc_idx))
@@ -225,7 +223,7 @@ def _write_unit_shard(cfg, tok, tmp: Path, split: str, doc_idx: np.ndarray, leng
     local, docs_per_seq = packing.take(np.arange(len(packing)))
     rows = doc_idx[local]
     seq_tokens = np.add.reduceat(lengths[rows], np.cumsum(docs_per_seq) - docs_per_seq)
-    shard = write_shard(tok, tmp, split, shard_name(unit), rows, seq_tokens, release)
+    shard = write_shard(tokens, tmp, split, shard_name(unit), rows, seq_tokens, release)
     return {"sequences": len(packing), "supervised_tokens": shard["supervised_tokens"], "shard": shard}
 
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import hashlib
 import json
 import shutil
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -25,13 +27,14 @@ from .pages import PageReleaser, Releasing
 from .pack import assign_to_shards, no_packing, pack_best_fit, packing_efficiency
 from .readers import Source, expand_sources, read_source, resolve_columns, row_label, source_settings
 from .records import EXPECTED_SHAPE
-from .shards import write_shard
+from .shards import TokenRows, write_shard
 from .split import SPLIT_IDS, assign_splits, cross_split_overlap
-from .template import Templater, resolve_chat_template, token_features, tokenize_batch
+from .template import Templater, resolve_chat_template, token_features, token_table, tokenize_kept
 
 # Bump when a change here changes the output for the same inputs, so old caches are rebuilt.
 PIPELINE_VERSION = 5
 DROP_REASONS = ("bad_row", "empty_field", "duplicate", "too_long", "no_supervised_tokens")
+READ_BATCH_ROWS = 100_000  # rows per Arrow batch of a column read
 # Settings that change how fast prep runs but never what it writes: left out of the cache key.
 NON_OUTPUT_SETTINGS = ("output_dir", "num_proc", "map_batch_size")
 
@@ -151,7 +154,7 @@ def read_and_clean(cfg, sources: list[Source], cache: Path, fingerprint: str, on
         ds = raw.map(clean, with_indices=True, remove_columns=raw.column_names, features=clean_features(),
                      fn_kwargs={"columns": cols, "src": src, "src_id": src_id, "normalize": normalize},
                      desc=f"clean {src.path.name}", **_map_kwargs(cfg, cache, f"clean-{src_id}", fingerprint))
-        if equals(ds, "_drop", "bad_row").all():
+        if equals(ds, "_drop", "bad_row", clean.release).all():
             first = ds.select([0])[0]
             raise DataError(f"{src.path}: every row is unusable as {cols.kind} records (first: "
                             f"{row_label(src, first['_row'])}: {first['_why']}); expected "
@@ -162,20 +165,46 @@ def read_and_clean(cfg, sources: list[Source], cache: Path, fingerprint: str, on
     return ds, [c.kind for c in columns]
 
 
-def equals(ds, name: str, value: str) -> np.ndarray:
-    """Boolean mask of rows whose string column ``name`` equals ``value`` (no Python string per row)."""
+def equals(ds, name: str, value: str, release=lambda: None, rows: np.ndarray | None = None) -> np.ndarray:
+    """Boolean mask of rows whose string column ``name`` equals ``value`` (no Python string per row); only
+    of ``rows`` (sorted row indices) when given."""
     import pyarrow.compute as pc
 
-    parts = [pc.equal(b.column(name), value).to_numpy(zero_copy_only=False)
-             for b in ds.select_columns([name]).with_format("arrow").iter(batch_size=100_000)]
-    return np.concatenate(parts).astype(bool) if parts else np.zeros(0, dtype=bool)
+    return _read_column(ds, name, lambda col: pc.equal(col, value).to_numpy(zero_copy_only=False), release, rows) \
+        .astype(bool)
 
 
-def column(ds, name: str) -> np.ndarray:
-    """One column as a numpy array, read in Arrow batches (respects a selection; no Python objects)."""
-    parts = [b.column(name).to_numpy(zero_copy_only=False)
-             for b in ds.select_columns([name]).with_format("arrow").iter(batch_size=100_000)]
-    return np.concatenate(parts) if parts else np.array([])
+def column(ds, name: str, release=lambda: None, rows: np.ndarray | None = None) -> np.ndarray:
+    """One column as a numpy array, read in Arrow batches (respects a selection; no Python objects); only
+    the values of ``rows`` (sorted row indices) when given."""
+    return _read_column(ds, name, lambda col: col.to_numpy(zero_copy_only=False), release, rows)
+
+
+def _read_column(ds, name: str, convert, release, rows) -> np.ndarray:
+    # Each part is copied out of the mapping before ``release()``: a column's values sit between the other
+    # columns' buffers of their record batch, and the kernel maps up to 64 KiB around every page read, so
+    # reading one int column of 1M rows mapped ~64 MB unless released as it goes. Parts go straight into
+    # the result (a list of parts and their concatenation held the column twice), and only the rows asked
+    # for are kept (no full column beside its [rows] copy).
+    out, first, filled = None, 0, 0
+    for batch in ds.select_columns([name]).with_format("arrow").iter(batch_size=READ_BATCH_ROWS):
+        values = np.asarray(convert(batch.column(name)))
+        end = first + len(values)
+        if rows is not None:
+            lo, hi = np.searchsorted(rows, (first, end))
+            values = values[rows[lo:hi] - first]
+        if out is None:
+            out = np.empty(len(ds) if rows is None else len(rows), dtype=values.dtype)
+        out[filled:filled + len(values)] = values
+        filled, first = filled + len(values), end
+        del batch, values
+        release()
+    return out if out is not None else np.array([])
+
+
+def row_index_dtype(n_rows: int):
+    """The smallest signed integer type that indexes ``n_rows`` rows (int32 below 2**31 rows)."""
+    return np.int32 if n_rows < 2**31 else np.int64
 
 
 def _count_by_split(split_ids: np.ndarray, mask: np.ndarray) -> dict[str, int]:
@@ -189,17 +218,46 @@ def _empty_data_error(drops: dict, rows_read: dict) -> DataError:
                      f"and that data.validation_fraction + data.test_fraction leave rows for training")
 
 
-def _drop_clean_rows(ds, split_ids: np.ndarray, drops: dict) -> np.ndarray:
+def _drop_clean_rows(ds, split_ids: np.ndarray, drops: dict, release) -> np.ndarray:
     """Row indices that survive empty-field and duplicate drops (counted into ``drops`` per split)."""
-    bad, empty = equals(ds, "_drop", "bad_row"), equals(ds, "_drop", "empty_field")
-    hashes = column(ds, "_hash")
-    nonempty = np.flatnonzero(~empty & ~bad)
-    duplicate = np.zeros(len(hashes), dtype=bool)
-    duplicate[nonempty] = ~first_occurrences(hashes[nonempty])
+    bad, empty = equals(ds, "_drop", "bad_row", release), equals(ds, "_drop", "empty_field", release)
+    usable = ~empty & ~bad
+    # Only the usable rows' hashes are read (the whole column is not held beside them while dedup sorts).
+    rows = np.flatnonzero(usable).astype(row_index_dtype(len(usable)))
+    first = first_occurrences(column(ds, "_hash", release, rows))
+    del rows
+    duplicate = np.zeros(len(usable), dtype=bool)
+    duplicate[usable] = ~first
     for reason, mask in (("bad_row", bad), ("empty_field", empty), ("duplicate", duplicate)):
         for name, n in _count_by_split(split_ids, mask).items():
             drops[name][reason] = n
-    return np.flatnonzero(~bad & ~empty & ~duplicate)
+    usable &= ~duplicate
+    return np.flatnonzero(usable).astype(row_index_dtype(len(usable)))
+
+
+class Kept(NamedTuple):
+    """The cleaned rows and what the first stages decided about them (:func:`clean_and_keep`)."""
+
+    ds: object  # every cleaned row, in source order
+    kinds: list[str]  # record type per source
+    split_ids: np.ndarray  # split per row of ``ds``
+    rows_read: dict  # rows per split
+    drops: dict  # per split, rows dropped per reason so far
+    kept: np.ndarray  # rows of ``ds`` that survive the bad-row, empty-field and duplicate drops (ascending)
+
+
+def clean_and_keep(cfg, sources: list[Source], cache: Path, fingerprint: str, on_kinds, release) -> Kept:
+    """Read and clean every source, give each row its split and drop bad, empty and duplicate rows: the
+    stages the single-process and the distributed prep share. A DataError when no row is left."""
+    ds, kinds = read_and_clean(cfg, sources, cache, fingerprint, on_kinds=on_kinds, release=release)
+    split_ids = assign_splits(column(ds, "_hash", release), cfg.validation_fraction, cfg.test_fraction)
+    rows_read = _count_by_split(split_ids, np.ones(len(split_ids), dtype=bool))
+    drops = {name: dict.fromkeys(DROP_REASONS, 0) for name in SPLITS}
+    kept = _drop_clean_rows(ds, split_ids, drops, release)
+    if not len(kept):
+        raise _empty_data_error(drops, rows_read)
+    release()
+    return Kept(ds, kinds, split_ids, rows_read, drops, kept)
 
 
 def make_templater(cfg, tokenizer, kinds: list[str]) -> Templater:
@@ -213,27 +271,39 @@ def make_templater(cfg, tokenizer, kinds: list[str]) -> Templater:
     return templater
 
 
-def _tokenize(cfg, docs, templater: Templater, sources, cache: Path, fingerprint: str, release):
-    return docs.map(Releasing(tokenize_batch, release), remove_columns=docs.column_names, features=token_features(),
-                    fn_kwargs={"templater": templater, "seq_len": cfg.seq_len, "excess_length": cfg.excess_length,
-                               "where": RowLocator(sources)},
-                    desc="template + tokenize", **_map_kwargs(cfg, cache, "tokenize", fingerprint))
+def _tokenize(cfg, ds, kept: np.ndarray, templater: Templater, sources, cache: Path, fingerprint: str, release):
+    # Every row of ``ds`` in order, those not kept skipped inside the batch: reading the kept rows through
+    # ds.select(kept) gathered them one table slice at a time (a tenth of prep's CPU time).
+    keep = np.zeros(len(ds), dtype=bool)
+    keep[kept] = True
+    records = ds.select_columns(["messages", "tools", "text", "_src", "_row"])
+    return records.map(Releasing(_tokenize_rows, release), with_indices=True, remove_columns=records.column_names,
+                       features=token_features(),
+                       fn_kwargs={"keep": keep, "templater": templater, "seq_len": cfg.seq_len,
+                                  "excess_length": cfg.excess_length, "where": RowLocator(sources)},
+                       desc="template + tokenize", **_map_kwargs(cfg, cache, "tokenize", fingerprint))
 
 
-def _write_split(cfg, tok, work: Path, split: str, doc_idx: np.ndarray, lengths: np.ndarray, release) -> dict:
+def _tokenize_rows(batch: dict, indices: list[int], **kwargs):
+    return token_table(tokenize_kept(batch, indices, **kwargs))
+
+
+def _write_split(cfg, tok: TokenRows, work: Path, split: str, rows: np.ndarray, lengths: np.ndarray,
+                 release) -> dict:
+    """Pack one split's documents (``rows`` of the tokenized dataset, ``lengths`` tokens each) and write
+    its shards; returns the split's counts and shard entries."""
     from tqdm.auto import tqdm
 
-    packing = pack_best_fit(lengths[doc_idx], cfg.seq_len, desc=f"pack {split}") if cfg.packing else \
-        no_packing(len(doc_idx))
+    packing = pack_best_fit(lengths, cfg.seq_len, desc=f"pack {split}") if cfg.packing else no_packing(len(rows))
     shards = []
     for s, members in enumerate(tqdm(assign_to_shards(len(packing), cfg.num_shards), desc=f"write {split}",
                                      unit="shard", leave=False)):
         local, docs_per_seq = packing.take(members)
-        rows = doc_idx[local]  # rows of the tokenized dataset, sequence by sequence
-        seq_tokens = np.add.reduceat(lengths[rows], np.cumsum(docs_per_seq) - docs_per_seq)
-        shards.append(write_shard(tok, work, split, f"shard-{s:05d}", rows, seq_tokens, release))
-    tokens = int(lengths[doc_idx].sum())
-    return {"documents": int(len(doc_idx)), "tokens": tokens,
+        seq_tokens = np.add.reduceat(lengths[local], np.cumsum(docs_per_seq) - docs_per_seq)
+        # rows of the tokenized dataset, sequence by sequence
+        shards.append(write_shard(tok, work, split, f"shard-{s:05d}", rows[local], seq_tokens, release))
+    tokens = int(lengths.sum())
+    return {"documents": int(len(rows)), "tokens": tokens,
             "supervised_tokens": sum(s["supervised_tokens"] for s in shards), "sequences": len(packing),
             "packing_efficiency": round(packing_efficiency(tokens, len(packing), cfg.seq_len), 6), "shards": shards}
 
@@ -242,53 +312,58 @@ def _build(cfg, tokenizer, model_ref: tuple, sources, key_parts, cache_key, work
     cache = work / "_cache"
     release = PageReleaser([work] + [src.path for src in sources if src.fmt == "arrow"])
     templaters: list[Templater] = []
-    ds, kinds = read_and_clean(cfg, sources, cache, cache_key[:16],
-                               on_kinds=lambda k: templaters.append(make_templater(cfg, tokenizer, k)), release=release)
-    split_ids = assign_splits(column(ds, "_hash"), cfg.validation_fraction, cfg.test_fraction)
-    rows_read = _count_by_split(split_ids, np.ones(len(split_ids), dtype=bool))
-    drops = {name: dict.fromkeys(DROP_REASONS, 0) for name in SPLITS}
-    kept = _drop_clean_rows(ds, split_ids, drops)
-    if not len(kept):
-        raise _empty_data_error(drops, rows_read)
-    docs = ds.select(kept)
-    release()
-    tok = _tokenize(cfg, docs, templaters[0], sources, cache, cache_key[:16], release)
+    ds, kinds, split_ids, rows_read, drops, kept = clean_and_keep(
+        cfg, sources, cache, cache_key[:16], lambda k: templaters.append(make_templater(cfg, tokenizer, k)), release)
+    # Per-row arrays are read for the kept rows only (int32 row indices below 2**31 rows): they are what
+    # grows with the data while the stages stream.
+    col = functools.partial(column, release=release, rows=kept)
+    eq = functools.partial(equals, release=release, rows=kept)
+    tok = _tokenize(cfg, ds, kept, templaters[0], sources, cache, cache_key[:16], release)  # row for row with ds
     split_kept = split_ids[kept]
+    del split_ids
     for r in ("too_long", "no_supervised_tokens"):
-        for name, n in _count_by_split(split_kept, equals(tok, "_drop2", r)).items():
+        for name, n in _count_by_split(split_kept, eq(tok, "_drop2", r)).items():
             drops[name][r] = n
-    final = equals(tok, "_drop2", "")
+    final = eq(tok, "_drop2", "")
     if not _count_by_split(split_kept, final)["train"]:
         raise _empty_data_error(drops, rows_read)
-    lengths, truncated = column(tok, "n_tokens").astype(np.int64), column(tok, "truncated")
+    lengths, truncated = col(tok, "n_tokens"), col(tok, "truncated")
     splits = {}
-    for name, sid in SPLIT_IDS.items():
-        doc_idx = np.flatnonzero(final & (split_kept == sid))
-        release()
-        info = _write_split(cfg, tok, work, name, doc_idx, lengths, release)
-        splits[name] = {"rows_read": rows_read[name], "rows_dropped": drops[name],
-                        "truncated_documents": int(truncated[doc_idx].sum()), **info}
+    with TokenRows([Path(f["filename"]) for f in tok.cache_files]) as tokens:
+        for name, sid in SPLIT_IDS.items():
+            docs = final & (split_kept == sid)  # a mask over kept, not an int64 index per document
+            release()
+            info = _write_split(cfg, tokens, work, name, kept[docs], lengths[docs], release)
+            splits[name] = {"rows_read": rows_read[name], "rows_dropped": drops[name],
+                            "truncated_documents": int(truncated[docs].sum()), **info}
+    del lengths, truncated
+    release.release()  # the report and its plot are the last peak: start them from a trimmed heap
     kind = kinds[0] if len(set(kinds)) == 1 else "mixed"
     manifest = _manifest(cfg, key_parts, cache_key, splits, kind, sources, kinds)
+    final_rows = kept[final]
     facts = report_mod.Facts(
-        kind=kind, seq_len=cfg.seq_len, raw_lengths=column(tok, "n_tokens_raw"),
-        overlap=cross_split_overlap(column(docs, "_phash"), split_kept),
-        prefix_hashes=column(docs, "_pprefix"), params=report_mod.count_params(*model_ref),
-        near_hashes=column(docs, "_nhash")[final], cleaning_steps=cleaning_steps(cfg),
-        special_text_rows=int(column(tok, "special_text").sum()),
-        sources=_source_counts(ds, column(docs, "_src")[final], sources, kinds))
+        kind=kind, seq_len=cfg.seq_len, raw_lengths=col(tok, "n_tokens_raw"),
+        overlap=cross_split_overlap(col(ds, "_phash"), split_kept),
+        prefix_hashes=col(ds, "_pprefix"), params=report_mod.count_params(*model_ref),
+        near_hashes=column(ds, "_nhash", release, final_rows), cleaning_steps=cleaning_steps(cfg),
+        special_text_rows=int(col(tok, "special_text").sum()),
+        sources=_source_counts(ds, column(ds, "_src", release, final_rows), sources, kinds, release))
+    del col, eq, kept, final, final_rows, split_kept  # the report holds only its own arrays
     report = report_mod.build_report(manifest, facts)
     (work / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
-    report_mod.plot_lengths(facts.raw_lengths, cfg.seq_len, work / "lengths.png")
+    raw_lengths = facts.raw_lengths
+    del facts  # the hash arrays are done with; the plot, the run's last peak, needs the lengths only
+    release.release()  # and hand their pages (kept by the heap once freed) back before it
+    report_mod.plot_lengths(raw_lengths, cfg.seq_len, work / "lengths.png")
     # The manifest goes last: a folder is complete only when it has one.
     (work / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
     return manifest, report
 
 
-def _source_counts(ds, final_src: np.ndarray, sources: list[Source], kinds: list[str]) -> list[dict]:
+def _source_counts(ds, final_src: np.ndarray, sources: list[Source], kinds: list[str], release) -> list[dict]:
     """Per source: its record type, rows read, documents kept, and its bad rows by reason with the first
     few named by file and line."""
-    src_all, bad = column(ds, "_src"), equals(ds, "_drop", "bad_row")
+    src_all, bad = column(ds, "_src", release), equals(ds, "_drop", "bad_row", release)
     bad_rows = ds.select(np.flatnonzero(bad)).select_columns(["_src", "_row", "_why"]).to_list() if bad.any() else []
     out = []
     for src_id, (src, kind) in enumerate(zip(sources, kinds)):

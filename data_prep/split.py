@@ -14,7 +14,8 @@ SPLIT_IDS = {"train": 0, "validation": 1, "test": 2}
 def assign_splits(hashes: np.ndarray, validation_fraction: float, test_fraction: float) -> np.ndarray:
     """Split id per row (0 train, 1 validation, 2 test) from its signed 64-bit content hash."""
     # The hash's bits as a uniform number in [0, 1).
-    unit = np.asarray(hashes, dtype=np.int64).view(np.uint64).astype(np.float64) / 2.0 ** 64
+    unit = np.asarray(hashes, dtype=np.int64).view(np.uint64).astype(np.float64)
+    unit /= 2.0 ** 64  # in place: one float array per row, not two
     out = np.zeros(len(unit), dtype=np.int8)
     out[unit < validation_fraction + test_fraction] = SPLIT_IDS["validation"]
     out[unit < test_fraction] = SPLIT_IDS["test"]

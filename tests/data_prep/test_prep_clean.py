@@ -102,6 +102,16 @@ def test_first_occurrences_keeps_first_of_each():
     assert mask.tolist() == [True, True, False, True, False]
 
 
+def test_first_occurrences_matches_np_unique_first_indices():
+    # The reference: np.unique's first index of every distinct hash (what dedup used before).
+    rng = np.random.default_rng(0)
+    for hashes in (rng.integers(-50, 50, 10_000), rng.integers(-2**63, 2**63 - 1, 5_000, dtype=np.int64),
+                   np.zeros(0, dtype=np.int64), np.array([7])):
+        expected = np.zeros(len(hashes), dtype=bool)
+        expected[np.unique(hashes, return_index=True)[1]] = True
+        assert np.array_equal(first_occurrences(hashes), expected)
+
+
 def test_sharegpt_function_call_and_observation_become_a_tool_call_and_its_result():
     from data_prep.config import DEFAULT_SHAREGPT_ROLES
 
@@ -130,3 +140,41 @@ def test_auto_tells_sharegpt_from_messages_by_the_first_turn(column, turn, kind)
     cfg = DataConfig(sources=["x.jsonl"])
     cols = resolve_columns(ds, source_settings(cfg, 0), SRC)
     assert cols.kind == kind and cols.names["messages"][1] == column
+
+
+def test_dedup_key_equals_its_definition_on_random_whitespace():
+    # Equivalence: dedup_key skips its regular expressions when they cannot match; the definition runs
+    # them always (NFKC, strip_whitespace, collapse_blank_lines) and must agree on every string.
+    import random
+
+    from data_prep.clean import collapse_blank_lines, strip_whitespace
+
+    rng = random.Random(0)
+    for _ in range(3000):
+        text = "".join(rng.choice([" ", "\t", "\n", "\n\n\n", "a", "\u00e9", "\ufb01", "\r"]) for _ in range(12))
+        assert dedup_key(text) == collapse_blank_lines(strip_whitespace(unicodedata.normalize("NFKC", text))), text
+
+
+def test_hash64_is_sha256_of_the_sorted_json_text():
+    # The hashes decide splits and deduplication: the encoder built once must write what json.dumps writes.
+    import hashlib
+    import json
+
+    from data_prep.clean import hash64
+
+    for obj in (["text", "caf\u00e9 \u2028 \"q\""], [["user", "x", "", True]], {"b": 1.5, "a": [None, "\ufb01"]}):
+        text = json.dumps(obj, ensure_ascii=False, sort_keys=True)
+        assert hash64(obj) == int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little", signed=True)
+
+
+def test_prompt_prefix_hash_is_the_hash_of_the_prompts_first_characters():
+    from data_prep.clean import PREFIX_CHARS, hash64, prompt_of
+
+    questions = ["q" * (PREFIX_CHARS - 30), "w" * (PREFIX_CHARS - 6), "e" * (PREFIX_CHARS + 50), ""]
+    batch = {"q": questions, "a": ["yes"] * len(questions)}
+    out = clean_batch(batch, list(range(len(questions))), columns=PR, src=SRC, src_id=0, normalize=KEEP)
+    for i, messages in enumerate(out["messages"]):
+        prompt = prompt_of({"messages": messages, "tools": "", "text": ""})
+        assert out["_pprefix"][i] == (hash64(prompt[:PREFIX_CHARS]) if prompt else 0)
+        assert out["_phash"][i] == (hash64(prompt) if prompt else 0)
+    assert out["_pprefix"][2] != out["_phash"][2]  # the long prompt really is cut

@@ -67,6 +67,16 @@ def test_fast_packer_matches_the_reference(dist, seq_len):
     assert packing_efficiency(total, len(fast), seq_len) >= packing_efficiency(total, len(slow), seq_len) - 0.002
 
 
+def test_packer_reading_lengths_in_blocks_places_as_in_one_pass(monkeypatch):
+    # Blocks of 7 documents (not a divisor of 3,000) against the reference scan, int32 lengths as prep
+    # passes them.
+    import data_prep.pack as pack
+
+    lengths = np.random.default_rng(1).integers(1, 513, 3000).astype(np.int32)
+    monkeypatch.setattr(pack, "PACK_BLOCK_DOCS", 7)
+    assert pack_best_fit(lengths, 512).as_lists() == pack_best_fit_scan(lengths, 512)
+
+
 def test_packing_take_gives_sequences_in_the_order_asked():
     packing = pack_best_fit(np.array([9, 6, 4, 1, 10, 3]), 10)
     lists = packing.as_lists()

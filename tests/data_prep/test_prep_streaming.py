@@ -75,3 +75,94 @@ def test_streaming_stages_keep_counts_drop_reasons_and_bytes(tiny_model_dir, sam
     assert drops["bad_row"] >= 1 and drops["empty_field"] >= 1 and drops["duplicate"] >= 1 and drops["too_long"] >= 1
     reports = [json.loads((tmp_path / out / "report.json").read_text()) for out in ("streamed", "plain")]
     assert reports[0] == reports[1]
+
+
+# Rows a CSV reader can get wrong: missing-value words and empty cells (null, as pandas reads them), quoted
+# commas, quotes and line breaks, numbers kept as text, a blank line, a short row, a BOM before the header.
+_AWKWARD_CSV = ('\ufeffquestion,answer,extra\n'
+                'What is NA?,NA,1\n'
+                '"Commas, here","He said ""yes""\nand left",\n'
+                '\n'
+                '42,007,3.50\n'
+                'Short row,only two\n'
+                'None,null,""\n' + "".join(f"Q{i},A{i} \u00e9\u0301,{i}\n" for i in range(40)))
+
+
+def test_batched_csv_reader_reads_the_rows_datasets_from_csv_reads(tmp_path, monkeypatch):
+    # Equivalence: the batched reader (batches of 4 rows, so batches split the awkward rows) vs
+    # datasets.Dataset.from_csv with every column as text, the reader prep used before.
+    import datasets
+
+    import data_prep.readers as readers
+
+    path = tmp_path / "awkward.csv"
+    path.write_text(_AWKWARD_CSV, encoding="utf-8")
+    monkeypatch.setattr(readers, "CSV_BATCH_ROWS", 4)
+    batched = readers.read_csv_streaming(path, tmp_path / "cache")
+    features = datasets.Features({name: datasets.Value("string") for name in ("question", "answer", "extra")})
+    reference = datasets.Dataset.from_csv(str(path), features=features, encoding="utf-8-sig",
+                                          cache_dir=str(tmp_path / "ref"))
+    assert batched.column_names == reference.column_names == ["question", "answer", "extra"]
+    assert batched.features == reference.features
+    assert batched.to_list() == reference.to_list()
+    assert len(batched) == 45 and batched[0]["answer"] is None and batched[2]["answer"] == "007"
+
+
+def test_token_rows_read_scattered_documents_as_a_selection_does(tmp_path):
+    # Equivalence: documents read from the file at their buffers' offsets vs Dataset.select(rows) (the slow,
+    # obvious reading), over a file written in chunks of 3 rows, rows in a scattered order with a repeat.
+    import datasets
+
+    from data_prep.shards import TokenRows
+
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(0, 1000, rng.integers(0, 9)).astype(np.int32) for _ in range(20)]
+    base = datasets.Dataset.from_dict({"n": list(range(20))})
+    ds = base.map(lambda b: {"input_ids": [docs[i] for i in b["n"]], "labels": [-docs[i] for i in b["n"]]},
+                  batched=True, batch_size=3, writer_batch_size=3, cache_file_name=str(tmp_path / "tok.arrow"))
+    assert ds.data.table.column("input_ids").num_chunks > 1
+    rows = np.array([17, 3, 3, 0, 19, 8, 11, 5])
+    with TokenRows([tmp_path / "tok.arrow"]) as tokens:
+        for name in ("input_ids", "labels"):
+            flat, lens = tokens.read(name, rows)
+            expected = ds.select(rows)[name]
+            assert flat.tolist() == [t for doc in expected for t in doc]
+            assert lens.tolist() == [len(doc) for doc in expected]
+
+
+def test_page_releaser_with_a_step_releases_only_after_that_much_growth(tmp_path, monkeypatch):
+    releaser = PageReleaser([tmp_path], step_bytes=64 * 2**20)
+    calls = []
+    monkeypatch.setattr(releaser, "release", lambda: calls.append(1))
+    releaser()
+    releaser()
+    assert len(calls) == 1  # the first call releases, the second finds no growth
+    grown = np.ones(80 * 2**20, dtype=np.uint8)  # 80 MiB resident
+    releaser()
+    assert len(calls) == 2 and grown.sum() == len(grown)
+
+
+def test_column_reads_release_after_every_batch_and_read_the_same():
+    import datasets
+
+    values = np.arange(250_000, dtype=np.int64) * 7 % 1000
+    ds = datasets.Dataset.from_dict({"n": values, "s": np.where(values % 3 == 0, "a", "b").tolist()})
+    calls = []
+    release = lambda: calls.append(1)  # noqa: E731
+    assert np.array_equal(pipeline.column(ds, "n", release), values) and len(calls) == 3  # 100,000-row batches
+    assert np.array_equal(pipeline.equals(ds, "s", "a", release), values % 3 == 0) and len(calls) == 6
+    assert np.array_equal(pipeline.column(ds.select([5, 2]), "n"), values[[5, 2]])
+
+
+def test_column_reads_of_selected_rows_read_what_indexing_the_whole_column_reads():
+    import datasets
+
+    values = np.arange(250_000, dtype=np.int64) * 7 % 1000
+    ds = datasets.Dataset.from_dict({"n": values, "s": np.where(values % 3 == 0, "a", "b").tolist()})
+    rng = np.random.default_rng(0)
+    for rows in (np.sort(rng.choice(len(values), 1_234, replace=False)).astype(np.int32),  # across batches
+                 np.array([0, 99_999, 100_000, 249_999]), np.arange(100_000, 200_000), np.zeros(0, dtype=np.int32)):
+        got = pipeline.column(ds, "n", rows=rows)
+        assert got.dtype == np.int64 and np.array_equal(got, values[rows])
+        assert np.array_equal(pipeline.equals(ds, "s", "a", rows=rows), values[rows] % 3 == 0)
+    assert pipeline.row_index_dtype(2**31 - 1) == np.int32 and pipeline.row_index_dtype(2**31) == np.int64

@@ -7,7 +7,7 @@ from data_prep.config import DataConfig
 from data_prep.records import Columns, to_record
 from data_prep.errors import DataError
 from data_prep.format import IGNORE_INDEX
-from data_prep.template import Templater, labels_from_spans, tokenize_batch
+from data_prep.template import SKIPPED, Templater, labels_from_spans, tokenize_batch, tokenize_kept
 
 
 @pytest.fixture(scope="module")
@@ -130,3 +130,41 @@ def test_eos_is_appended_after_the_answer_when_the_template_has_none(tok):
     trailing_user = _tokenize(plain, DataConfig(), "messages", [{"messages": conv}])
     assert plain.eos_token_id not in trailing_user["input_ids"][0].tolist(), "no EOS after a user turn"
     assert _supervised_text(plain, trailing_user["input_ids"][0], trailing_user["labels"][0]).strip() == "A."
+
+
+def test_tokenize_kept_tokenizes_the_kept_rows_as_tokenize_batch_does(tok):
+    # Equivalence: the kept rows of a batch, tokenized in place, vs tokenize_batch on those rows alone;
+    # the rows an earlier stage dropped come out empty and marked SKIPPED, so the output stays row for row.
+    cfg = DataConfig()
+    records = [{"prompt": f"Question {i}?", "response": f"Answer number {i}."} for i in range(6)]
+    t = Templater(tok, cfg, {"prompt_response"})
+    kwargs = {"templater": t, "seq_len": 256, "excess_length": "truncate", "where": lambda s, r: f"row {r}"}
+    keep = np.array([False] * 10 + [True, False, True, True, False, True])  # rows 10-15 are this batch
+    out = tokenize_kept(_batch("prompt_response", records), list(range(10, 16)), keep=keep, **kwargs)
+    alone = tokenize_batch(_batch("prompt_response", [records[i] for i in (0, 2, 3, 5)]), **kwargs)
+    for key in alone:
+        assert [_plain(out[key][i]) for i in (0, 2, 3, 5)] == [_plain(v) for v in alone[key]], key
+    for i in (1, 4):
+        assert len(out["input_ids"][i]) == 0 and out["n_tokens"][i] == 0 and out["_drop2"][i] == SKIPPED
+    everything = tokenize_kept(_batch("prompt_response", records), list(range(10, 16)), keep=np.ones(16, bool),
+                               **kwargs)
+    assert [_plain(v) for v in everything["input_ids"]][2] == _plain(alone["input_ids"][1])
+
+
+def _plain(value):
+    return value.tolist() if isinstance(value, np.ndarray) else value
+
+
+def test_token_table_is_the_table_datasets_writes(tok):
+    # Equivalence: the batch-built Arrow table vs datasets' own conversion of the same output (per row).
+    import datasets
+
+    from data_prep.template import token_features, token_table
+
+    records = [{"prompt": f"Question {i}?", "response": "Answer. " * i} for i in range(5)]
+    t = Templater(tok, DataConfig(), {"prompt_response"})
+    out = tokenize_kept(_batch("prompt_response", records), list(range(5)), keep=np.array([1, 0, 1, 1, 1], bool),
+                        templater=t, seq_len=16, excess_length="truncate", where=lambda s, r: f"row {r}")
+    expected = datasets.Dataset.from_dict(out, features=token_features()).data.table
+    assert token_table(out).equals(expected)
+    assert token_table(out).column("input_ids").to_pylist()[1] == []
