@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.e2e.test_train_dist import LAUNCH_TIMEOUT_S, _env, _free_port, deepspeed_bin  # noqa: F401
-from training import remove_allreduce_buffers
+from tests.e2e.test_train_dist import deepspeed_bin, run_two_rank_script  # noqa: F401
 
 pytestmark = pytest.mark.dist
 WRITER = Path(__file__).resolve().parents[1] / "training" / "loss_zero_writer.py"
@@ -21,14 +19,8 @@ def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
 
 def test_chunked_loss_equals_plain_under_zero0_and_zero3(deepspeed_bin, tiny_model_dir, tmp_path):  # noqa: F811
     """fp32, 1e-6 relative per tensor (sums in another order; see tests/training/test_loss.py)."""
-    out, port = tmp_path / "steps.pt", _free_port()
-    argv = [deepspeed_bin, "--num_gpus", "2", "--master_port", str(port), str(WRITER),
-            "--model-dir", str(tiny_model_dir), "--out", str(out)]
-    try:
-        proc = subprocess.run(argv, env=_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
-    finally:
-        remove_allreduce_buffers(port)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = tmp_path / "steps.pt"
+    run_two_rank_script(deepspeed_bin, WRITER, "--model-dir", str(tiny_model_dir), "--out", str(out))
     results = torch.load(out)
     for stage in (0, 3):
         before, plain_after, plain_loss = results[f"stage{stage}-chunk0"]

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
 from tests.e2e.test_train_dist import (HALF, STEPS, _copy_until_half, check, deepspeed_bin, launch,  # noqa: F401
-                                       prepared, run_config, train_losses)
+                                       prepared, run_config, run_two_rank_script, train_losses)
 
 pytestmark = pytest.mark.dist
 ZERO_WRITER = Path(__file__).resolve().parents[1] / "training" / "sp_zero_writer.py"
@@ -100,16 +99,8 @@ def test_first_step_gradients_under_zero2_and_zero3_equal_the_whole_row_on_one_p
     order of sums differs (the in-process comparison measures ~5e-8)."""
     import torch
 
-    from tests.e2e.test_train_dist import LAUNCH_TIMEOUT_S, _env, _free_port
-    from training import remove_allreduce_buffers
-
-    out, port = tmp_path / "grads.pt", _free_port()
-    argv = [deepspeed_bin, "--num_gpus", "2", "--master_port", str(port), str(ZERO_WRITER), "--out", str(out)]
-    try:
-        proc = subprocess.run(argv, env=_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
-    finally:
-        remove_allreduce_buffers(port)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = tmp_path / "grads.pt"
+    run_two_rank_script(deepspeed_bin, ZERO_WRITER, "--out", str(out))
     results = torch.load(out)
     reference = results["reference"]
     assert max(float(g.abs().max()) for g in reference.values()) > 1e-3  # gradients large against the tolerance

@@ -87,6 +87,21 @@ def _env(extra_pythonpath: list[str] = (), **extra) -> dict:
     return env
 
 
+def run_two_rank_script(deepspeed_bin: str, script: Path, *args: str) -> subprocess.CompletedProcess:
+    """Run ``script`` on 2 ranks through the real launcher; asserts it succeeded and removes its shared
+    memory buffers."""
+    from training import remove_allreduce_buffers
+
+    port = _free_port()
+    argv = [deepspeed_bin, "--num_gpus", "2", "--master_port", str(port), str(script), *args]
+    try:
+        proc = subprocess.run(argv, env=_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    finally:
+        remove_allreduce_buffers(port)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
 def launch(deepspeed_bin: str, cfg: dict, extra_pythonpath=(), wait=True, ranks: int = 2, **env_extra):
     """Write ``cfg`` beside its output_dir and start it on ``ranks`` ranks; returns the finished process (or
     Popen)."""

@@ -23,23 +23,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from training import sequence_parallel  # noqa: E402
 from training.data import Collator  # noqa: E402
 from training.model import packed_loss  # noqa: E402
+from tests.training.sequence_parallel_worker import ROWS, _model  # noqa: E402  (the same model and rows)
 
 LR = 1e3
-# Documents of each row (lengths): 57 tokens flattened, odd, so the split pads one token, and documents cross
-# the slice boundary; the second row's first 20 tokens are unscored, so the halves carry unequal counts.
-ROWS = [[7, 12, 5], [9, 4, 20]]
-
-
-def _model():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")
-    return LlamaForCausalLM(config).train()
 
 
 def _batch() -> dict:
+    """The worker's rows; the second row's first 20 tokens are unscored, so the halves carry unequal counts."""
     rng = np.random.default_rng(0)
     seqs = []
     for row, lengths in enumerate(ROWS):
