@@ -69,8 +69,9 @@ def main() -> None:
         model = write_tiny_model(tmp / "model", [str(SAMPLE)], vocab_size=2048, hidden_size=64, num_layers=2)
         data = tmp / f"x{args.scale}.csv"
         enlarge(SAMPLE, data, args.scale)
+        # num_proc 1: every stage runs in this process, the one sampled (auto would fork map workers).
         cfg = DataConfig(sources=[str(data)], output_dir=str(tmp / "out"), seq_len=512, prompt_column="question",
-                         response_column="answer", validation_fraction=0.1, test_fraction=0.1)
+                         response_column="answer", validation_fraction=0.1, test_fraction=0.1, num_proc=1)
         threading.Thread(target=_sample, args=(stage, peaks), daemon=True).start()
         pipeline.prepare(cfg, str(model), force=True)
         time.sleep(0.05)

@@ -84,6 +84,9 @@ class DataConfig:
     validation_fraction: float = 0.05
     test_fraction: float = 0.05
     num_shards: int = 4
-    num_proc: int = 1
+    # Processes for the datasets.map stages (clean, template + tokenize), one tokenizer thread each:
+    # "auto" is the CPUs this process may use (affinity, cgroup quota), at most 16; a stage never uses
+    # more than its batches of map_batch_size rows, and one batch runs in this process (data_prep/procs.py).
+    num_proc: Union[int, Literal["auto"]] = "auto"
     # Rows per batch in the datasets.map stages (memory stays flat as data grows).
     map_batch_size: int = 1000

@@ -40,6 +40,7 @@ from .format import SPLITS, shard_files
 from .outdir import check_replaceable, make_work_dir, publish
 from .pack import no_packing, pack_best_fit, packing_efficiency
 from .pages import PageReleaser
+from .procs import describe, one_tokenizer_thread, resolve_num_proc
 from .pipeline import (_complete_manifest, _empty_data_error, _manifest, _sha256_json, _source_counts, _tokenize,
                        cache_key_parts, clean_and_keep, column, equals, load_tokenizer, make_templater)
 from .readers import expand_sources
@@ -64,6 +65,7 @@ def distributed_cache_key(cfg, tokenizer, tokenizer_path: str, revision: str | N
     return parts, _sha256_json(parts)
 
 
+@one_tokenizer_thread()
 def split_step(cfg, tokenizer_path: str, revision: str | None = None, force: bool = False) -> dict | None:
     """Step 1: clean, deduplicate, assign splits and units once; returns the split facts, or None when
     data.output_dir already holds this prep's output (nothing to do)."""
@@ -97,7 +99,8 @@ def _split_into(cfg, tokenizer, key_parts: dict, cache_key: str, tmp: Path) -> d
     sources = expand_sources(cfg.sources)
     release = PageReleaser([tmp] + [src.path for src in sources if src.fmt == "arrow"])
     ds, kinds, split_ids, rows_read, drops, kept = clean_and_keep(
-        cfg, sources, tmp / "_cache", cache_key[:16], lambda k: make_templater(cfg, tokenizer, k), release)
+        cfg, sources, tmp / "_cache", cache_key[:16], resolve_num_proc(cfg.num_proc),
+        lambda k: make_templater(cfg, tokenizer, k), release)
     units = unit_of(column(ds, "_hash", release)[kept], cfg.num_shards)
     # Saved unit after unit (stable: global order inside a unit), so a worker reads its units as contiguous
     # slices of the file instead of rows scattered over all of it.
@@ -130,6 +133,7 @@ def _load_split(out_dir: Path) -> dict:
     return facts
 
 
+@one_tokenizer_thread()
 def units_step(cfg, tokenizer_path: str, worker: int = 0, workers: int = 1, revision: str | None = None) -> list[int]:
     """Step 2: run worker ``worker`` of ``workers``'s units that are not finished yet; returns the units run.
 
@@ -150,12 +154,15 @@ def units_step(cfg, tokenizer_path: str, worker: int = 0, workers: int = 1, revi
     docs = datasets.load_from_disk(str(root / "split" / "docs"))
     units, split_ids = np.load(root / "split" / "unit.npy"), np.load(root / "split" / "split.npy")
     (root / "units").mkdir(exist_ok=True)
+    procs = resolve_num_proc(cfg.num_proc)  # this task's own CPUs (its affinity under srun)
+    largest = max(int((units == u).sum()) for u in mine)
+    print(f"zerotune prep: worker {worker} of {workers}: {describe(procs, largest, cfg.map_batch_size)}")
     for u in mine:
         rows = np.flatnonzero(units == u)
         unit_docs = docs.select(range(int(rows[0]), int(rows[-1]) + 1) if len(rows) else [])  # contiguous
         try:
             run_unit(cfg, unit_docs, split_ids[rows], templater, sources, root / "units", u,
-                     facts["cache_key"][:16])
+                     facts["cache_key"][:16], procs.count)
         except DataError as exc:
             names = sorted({sources[s].path.name for s in np.unique(column(unit_docs, "_src")).tolist()})
             raise DataError(f"prep unit {u} of {num_units} ({len(rows)} documents from {', '.join(names)}) failed: "
@@ -165,13 +172,13 @@ def units_step(cfg, tokenizer_path: str, worker: int = 0, workers: int = 1, revi
 
 
 def run_unit(cfg, docs, split_ids: np.ndarray, templater, sources, units_root: Path, unit: int,
-             fingerprint: str) -> None:
+             fingerprint: str, procs: int) -> None:
     """Template, tokenize and pack one unit's documents into one shard per split, in a temporary folder
-    renamed to the unit's folder only when complete."""
+    renamed to the unit's folder only when complete; the tokenize stage uses up to ``procs`` processes."""
     tmp = Path(tempfile.mkdtemp(prefix=f".unit-{unit:05d}.tmp-", dir=units_root))
     try:
         info = _pack_unit(cfg, docs, split_ids, templater, sources, tmp, unit, fingerprint,
-                          PageReleaser([tmp, units_root.parent / "split"]))
+                          PageReleaser([tmp, units_root.parent / "split"]), procs)
         shutil.rmtree(tmp / "_cache", ignore_errors=True)
         (tmp / UNIT_DONE_FILE).write_text(json.dumps(info), encoding="utf-8")
         os.replace(tmp, unit_dir(units_root, unit))
@@ -180,11 +187,12 @@ def run_unit(cfg, docs, split_ids: np.ndarray, templater, sources, units_root: P
         raise
 
 
-def _pack_unit(cfg, docs, split_ids, templater, sources, tmp: Path, unit: int, fingerprint: str, release) -> dict:
+def _pack_unit(cfg, docs, split_ids, templater, sources, tmp: Path, unit: int, fingerprint: str, release,
+               procs: int) -> dict:
     if not len(docs):  # more units than documents: datasets maps an empty table to one without columns
         return _empty_unit(tmp, unit)
     every = np.arange(len(docs))  # the split step kept only documents that survive its drops
-    tok = _tokenize(cfg, docs, every, templater, sources, tmp / "_cache", f"{fingerprint}-{unit}", release)
+    tok = _tokenize(cfg, docs, every, templater, sources, tmp / "_cache", f"{fingerprint}-{unit}", release, procs)
     col, eq = functools.partial(column, release=release), functools.partial(equals, release=release)
     final = eq(tok, "_drop2", "")
     lengths, truncated = col(tok, "n_tokens").astype(np.int64), col(tok, "truncated").astype(bool)
@@ -227,6 +235,7 @@ def _write_unit_shard(cfg, tokens: TokenRows, tmp: Path, split: str, doc_idx: np
     return {"sequences": len(packing), "supervised_tokens": shard["supervised_tokens"], "shard": shard}
 
 
+@one_tokenizer_thread()
 def finish_step(cfg, tokenizer_path: str, revision: str | None = None) -> dict:
     """Step 3: when every unit is finished, write the output folder (shards, report, manifest last) and
     publish it; a DataError naming the unfinished units otherwise (no manifest is written)."""

@@ -24,6 +24,7 @@ from .errors import DataError
 from .format import FORMAT_NAME, FORMAT_VERSION, SPLITS, sha256_files, tokenizer_hash
 from .outdir import make_work_dir, publish
 from .pages import PageReleaser, Releasing
+from .procs import Procs, describe, one_tokenizer_thread, resolve_num_proc, stage_procs
 from .pack import assign_to_shards, no_packing, pack_best_fit, packing_efficiency
 from .readers import Source, expand_sources, read_source, resolve_columns, row_label, source_settings
 from .records import EXPECTED_SHAPE
@@ -39,10 +40,12 @@ READ_BATCH_ROWS = 100_000  # rows per Arrow batch of a column read
 NON_OUTPUT_SETTINGS = ("output_dir", "num_proc", "map_batch_size")
 
 
+@one_tokenizer_thread()
 def prepare(cfg, tokenizer_path: str, force: bool = False, revision: str | None = None) -> dict:
     """Prepare ``cfg.sources`` (a DataConfig) into shards under ``cfg.output_dir``; returns the manifest.
 
-    ``revision`` (model.revision) pins a hub model's tokenizer to a branch, tag or commit.
+    ``revision`` (model.revision) pins a hub model's tokenizer to a branch, tag or commit. The map stages
+    use data.num_proc processes of one tokenizer thread each (procs.py).
     """
     out_dir = Path(cfg.output_dir)
     tokenizer = load_tokenizer(tokenizer_path, revision)
@@ -124,36 +127,39 @@ class RowLocator:
         return row_label(self.sources[src_id], row)
 
 
-def _map_kwargs(cfg, cache: Path, stage: str, fingerprint: str) -> dict:
+def _map_kwargs(cfg, cache: Path, stage: str, fingerprint: str, procs: int, rows: int) -> dict:
     # Explicit cache files keep datasets from writing next to the inputs (save_to_disk folders).
-    return {"batched": True, "batch_size": cfg.map_batch_size, "num_proc": cfg.num_proc if cfg.num_proc > 1 else None,
+    return {"batched": True, "batch_size": cfg.map_batch_size, "num_proc": stage_procs(procs, rows, cfg.map_batch_size),
             "cache_file_name": str(cache / f"{stage}.arrow"), "new_fingerprint": f"{stage}-{fingerprint}"}
 
 
-def read_and_clean(cfg, sources: list[Source], cache: Path, fingerprint: str, on_kinds=None,
+def read_and_clean(cfg, sources: list[Source], cache: Path, fingerprint: str, procs: Procs, on_kinds=None,
                    release: PageReleaser | None = None):
     """Read every source and clean it into canonical records; returns (dataset, record type per source).
 
     ``on_kinds(kinds)`` is called once every source's record type is known, before any row is cleaned, so
     checks that need only the settings (template, seq_len) fail before the long stages. ``release()`` is
     called after every batch (a PageReleaser keeps the mapped pages read from growing with the data).
+    Prints the processes the map stages use (the tokenize stage's, over every row read).
     """
     import datasets
 
     raws, columns = [], []
     for src in sources:
-        raw = read_source(src, cache / "read", cfg.num_proc)
+        raw = read_source(src, cache / "read")
         raws.append(raw)
         columns.append(resolve_columns(raw, source_settings(cfg, src.entry), src))
     if on_kinds:
         on_kinds([c.kind for c in columns])
+    print(f"zerotune prep: {describe(procs, sum(map(len, raws)), cfg.map_batch_size)}")
     normalize = Normalizer(cleaning_steps(cfg))
     clean = Releasing(clean_batch, release or PageReleaser([]))
     cleaned = []
     for src_id, (src, raw, cols) in enumerate(zip(sources, raws, columns)):
         ds = raw.map(clean, with_indices=True, remove_columns=raw.column_names, features=clean_features(),
                      fn_kwargs={"columns": cols, "src": src, "src_id": src_id, "normalize": normalize},
-                     desc=f"clean {src.path.name}", **_map_kwargs(cfg, cache, f"clean-{src_id}", fingerprint))
+                     desc=f"clean {src.path.name}",
+                     **_map_kwargs(cfg, cache, f"clean-{src_id}", fingerprint, procs.count, len(raw)))
         if equals(ds, "_drop", "bad_row", clean.release).all():
             first = ds.select([0])[0]
             raise DataError(f"{src.path}: every row is unusable as {cols.kind} records (first: "
@@ -246,10 +252,11 @@ class Kept(NamedTuple):
     kept: np.ndarray  # rows of ``ds`` that survive the bad-row, empty-field and duplicate drops (ascending)
 
 
-def clean_and_keep(cfg, sources: list[Source], cache: Path, fingerprint: str, on_kinds, release) -> Kept:
+def clean_and_keep(cfg, sources: list[Source], cache: Path, fingerprint: str, procs: Procs, on_kinds,
+                   release) -> Kept:
     """Read and clean every source, give each row its split and drop bad, empty and duplicate rows: the
     stages the single-process and the distributed prep share. A DataError when no row is left."""
-    ds, kinds = read_and_clean(cfg, sources, cache, fingerprint, on_kinds=on_kinds, release=release)
+    ds, kinds = read_and_clean(cfg, sources, cache, fingerprint, procs, on_kinds=on_kinds, release=release)
     split_ids = assign_splits(column(ds, "_hash", release), cfg.validation_fraction, cfg.test_fraction)
     rows_read = _count_by_split(split_ids, np.ones(len(split_ids), dtype=bool))
     drops = {name: dict.fromkeys(DROP_REASONS, 0) for name in SPLITS}
@@ -271,7 +278,8 @@ def make_templater(cfg, tokenizer, kinds: list[str]) -> Templater:
     return templater
 
 
-def _tokenize(cfg, ds, kept: np.ndarray, templater: Templater, sources, cache: Path, fingerprint: str, release):
+def _tokenize(cfg, ds, kept: np.ndarray, templater: Templater, sources, cache: Path, fingerprint: str, release,
+              procs: int):
     # Every row of ``ds`` in order, those not kept skipped inside the batch: reading the kept rows through
     # ds.select(kept) gathered them one table slice at a time (a tenth of prep's CPU time).
     keep = np.zeros(len(ds), dtype=bool)
@@ -281,7 +289,8 @@ def _tokenize(cfg, ds, kept: np.ndarray, templater: Templater, sources, cache: P
                        features=token_features(),
                        fn_kwargs={"keep": keep, "templater": templater, "seq_len": cfg.seq_len,
                                   "excess_length": cfg.excess_length, "where": RowLocator(sources)},
-                       desc="template + tokenize", **_map_kwargs(cfg, cache, "tokenize", fingerprint))
+                       desc="template + tokenize",
+                       **_map_kwargs(cfg, cache, "tokenize", fingerprint, procs, len(records)))
 
 
 def _tokenize_rows(batch: dict, indices: list[int], **kwargs):
@@ -312,13 +321,16 @@ def _build(cfg, tokenizer, model_ref: tuple, sources, key_parts, cache_key, work
     cache = work / "_cache"
     release = PageReleaser([work] + [src.path for src in sources if src.fmt == "arrow"])
     templaters: list[Templater] = []
+    procs = resolve_num_proc(cfg.num_proc)
     ds, kinds, split_ids, rows_read, drops, kept = clean_and_keep(
-        cfg, sources, cache, cache_key[:16], lambda k: templaters.append(make_templater(cfg, tokenizer, k)), release)
+        cfg, sources, cache, cache_key[:16], procs, lambda k: templaters.append(make_templater(cfg, tokenizer, k)),
+        release)
     # Per-row arrays are read for the kept rows only (int32 row indices below 2**31 rows): they are what
     # grows with the data while the stages stream.
     col = functools.partial(column, release=release, rows=kept)
     eq = functools.partial(equals, release=release, rows=kept)
-    tok = _tokenize(cfg, ds, kept, templaters[0], sources, cache, cache_key[:16], release)  # row for row with ds
+    # row for row with ds
+    tok = _tokenize(cfg, ds, kept, templaters[0], sources, cache, cache_key[:16], release, procs.count)
     split_kept = split_ids[kept]
     del split_ids
     for r in ("too_long", "no_supervised_tokens"):

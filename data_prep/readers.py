@@ -76,8 +76,12 @@ def expand_sources(sources: list) -> list[Source]:
     return out
 
 
-def read_source(src: Source, cache_dir: Path, num_proc: int = 1):
-    """Load one source as a ``datasets.Dataset`` (Arrow, memory-mapped); raise DataError naming the bad line."""
+def read_source(src: Source, cache_dir: Path):
+    """Load one source as a ``datasets.Dataset`` (Arrow, memory-mapped); raise DataError naming the bad line.
+
+    Always in this process: `datasets` splits a read over processes by input file, never within one, and
+    a source here is one file (it set any num_proc back to 1, after a warning).
+    """
     import datasets
 
     if src.fmt != "arrow" and src.path.stat().st_size == 0:
@@ -97,7 +101,7 @@ def read_source(src: Source, cache_dir: Path, num_proc: int = 1):
             ds = read_csv_streaming(src.path, cache_dir)
         else:
             reader = {"json": datasets.Dataset.from_json, "parquet": datasets.Dataset.from_parquet}[src.fmt]
-            ds = reader(str(src.path), cache_dir=str(cache_dir), num_proc=num_proc if num_proc > 1 else None)
+            ds = reader(str(src.path), cache_dir=str(cache_dir))
     except DataError:
         raise
     except Exception as exc:  # noqa: BLE001 - every parser failure becomes one message naming the line

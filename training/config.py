@@ -174,8 +174,8 @@ def _cross_field_problems(cfg: RunConfig, world_size: int | None) -> list[str]:
         if value in ("", None, []):
             p.append(f"{key}: required, but not set")
     positives = {
-        "data.seq_len": d.seq_len, "data.num_shards": d.num_shards, "data.num_proc": d.num_proc,
-        "data.map_batch_size": d.map_batch_size, "train.micro_batch_size": t.micro_batch_size,
+        "data.seq_len": d.seq_len, "data.num_shards": d.num_shards, "data.map_batch_size": d.map_batch_size,
+        "train.micro_batch_size": t.micro_batch_size,
         "train.gradient_accumulation_steps": t.gradient_accumulation_steps, "train.epochs": t.epochs,
         "checkpoint.keep_last": c.keep_last, "model.checkpoint_every_k_layers": cfg.model.checkpoint_every_k_layers,
         "logging.log_every_steps": cfg.logging.log_every_steps,
@@ -184,6 +184,8 @@ def _cross_field_problems(cfg: RunConfig, world_size: int | None) -> list[str]:
     for key, value in positives.items():
         if value < 1:
             p.append(f"{key}: must be >= 1, got {value}")
+    if d.num_proc != "auto" and d.num_proc < 1:
+        p.append(f"data.num_proc: must be >= 1 or auto (the usable CPUs), got {d.num_proc}")
     for key, value in {"train.max_steps": t.max_steps, "eval.every_steps": e.every_steps,
                        "checkpoint.every_steps": c.every_steps, "eval.micro_batch_size": e.micro_batch_size,
                        "eval.max_batches": e.max_batches, "eval.early_stopping_patience": e.early_stopping_patience}.items():

@@ -178,11 +178,24 @@ def test_output_replaces_old_folder_only_when_complete(tiny_model_dir, qa_csv, m
     shutil.rmtree(cfg.output_dir)
 
 
-def test_worker_processes_give_identical_output(tiny_model_dir, qa_csv, make_cfg):
-    single = prepare(make_cfg([qa_csv], map_batch_size=64), str(tiny_model_dir))
-    multi = prepare(make_cfg([qa_csv], num_proc=2, map_batch_size=17), str(tiny_model_dir), force=True)
+def test_worker_processes_give_identical_output(tiny_model_dir, qa_csv, make_cfg, monkeypatch, capsys):
+    # data.num_proc auto on 2 usable CPUs with 12 batches of 17 rows forks 2 workers (datasets' progress bar
+    # says so) and writes what one process writes.
+    from data_prep import procs
+
+    report = lambda cfg: json.loads((Path(cfg.output_dir) / "report.json").read_text())  # noqa: E731
+    single_cfg = make_cfg([qa_csv], num_proc=1, map_batch_size=64)
+    single = prepare(single_cfg, str(tiny_model_dir))
+    single_report = report(single_cfg)
+    capsys.readouterr()
+    monkeypatch.setattr(procs, "usable_cpus", lambda: (2, "2 usable CPUs"))
+    multi_cfg = make_cfg([qa_csv], num_proc="auto", map_batch_size=17)
+    multi = prepare(multi_cfg, str(tiny_model_dir), force=True)
+    out, err = capsys.readouterr()
+    assert "zerotune prep: 2 processes (data.num_proc auto: 2 usable CPUs)" in out
+    assert "clean qa.csv (num_proc=2)" in err and "template + tokenize (num_proc=2)" in err
     strip = lambda m: {k: v for k, v in m.items() if k not in ("created_at", "settings")}  # noqa: E731
-    assert strip(multi) == strip(single)
+    assert strip(multi) == strip(single) and report(multi_cfg) == single_report
 
 
 def test_csv_cells_are_text_and_a_bom_is_not_part_of_a_name(tiny_model_dir, tmp_path, make_cfg):

@@ -64,8 +64,9 @@ def test_streaming_stages_keep_counts_drop_reasons_and_bytes(tiny_model_dir, sam
     # duplicates (the bundled sample has both) and too-long rows (seq_len 96, excess_length drop) all occur.
     bad = write_jsonl(tmp_path / "mixed.jsonl", [{"question": "What is a tensor?", "answer": "An array."},
                                                  {"question": 5}, {"prompt": "x"}])
+    # One process (num_proc 1): the releases under test happen in this process.
     cfg = lambda out: make_cfg([sample_csv, bad], output_dir=str(tmp_path / out), seq_len=96,  # noqa: E731
-                               excess_length="drop", map_batch_size=50)
+                               excess_length="drop", map_batch_size=50, num_proc=1)
     streamed = prepare(cfg("streamed"), str(tiny_model_dir))
     monkeypatch.setattr(pipeline, "PageReleaser", lambda roots: PageReleaser([]))
     plain = prepare(cfg("plain"), str(tiny_model_dir))
