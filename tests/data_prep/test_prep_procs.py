@@ -41,8 +41,10 @@ def test_cgroup_v2_quota_of_an_ancestor_of_the_process_cgroup(tmp_path):
     _cgroup(tmp_path, "job", {"cpu.max": "400000 100000"})
     _cgroup(tmp_path, "job/step", {"cpu.max": "max 100000"})
     assert cgroup_cpu_quota(tmp_path, "0::/job/step\n") == 4
+    _cgroup(tmp_path, "job/step", {"cpu.max": "800000 100000"})
+    assert cgroup_cpu_quota(tmp_path, "0::/job/step\n") == 4, "the tightest quota wins, wherever it is"
     _cgroup(tmp_path, "job/step", {"cpu.max": "50000 100000"})
-    assert cgroup_cpu_quota(tmp_path, "0::/job/step\n") == 1, "the tightest quota wins, at least one CPU"
+    assert cgroup_cpu_quota(tmp_path, "0::/job/step\n") == 1, "at least one CPU"
 
 
 def test_cgroup_v1_quota_and_minus_one_for_none(tmp_path):
