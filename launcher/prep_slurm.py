@@ -32,7 +32,8 @@ def add_arguments(p) -> None:
     g.add_argument("--time", default="02:00:00", help="time limit for --slurm, HH:MM:SS or D-HH:MM:SS")
     g.add_argument("--partition")
     g.add_argument("--account")
-    g.add_argument("--cpus-per-task", type=int, help="CPUs per node's task (set data.num_proc to use them)")
+    g.add_argument("--cpus-per-task", type=int, help="CPUs per node's task (data.num_proc auto uses them; "
+                                                     "without it SLURM may bind each task to one CPU)")
     g.add_argument("--mem", default="0", help="memory per node, SLURM syntax (default 0: all of the node's)")
     g.add_argument("--dry-run", action="store_true", help="with --slurm: write the job script, do not submit")
     g.add_argument("--srun", action="store_true", help="inside an allocation: split here, run the units with one "
