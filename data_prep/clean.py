@@ -26,6 +26,8 @@ PREFIX_CHARS = 200  # prompts sharing their first 200 characters share a context
 _TRAILING_SPACE = re.compile(r"[ \t]+\n")
 _MANY_BLANK_LINES = re.compile(r"\n{3,}")
 _NOT_WORD = re.compile(r"[\W_]+")
+# ASCII text, lowercased: letters and digits kept, every other byte a space (what _NOT_WORD matches there).
+_ASCII_NOT_WORD = bytes(c if chr(c).isascii() and chr(c).isalnum() else ord(" ") for c in range(256))
 BAD_ROW_EXAMPLES = 5  # bad rows named (file:line) in the report, per source
 
 
@@ -80,8 +82,11 @@ def dedup_key(text: str) -> str:
 def loose_key(text: str) -> str:
     """Text with compatibility forms folded and case, spacing and punctuation removed: rows equal under it
     are near-duplicates."""
-    text = unicodedata.normalize("NFKC", text) if not text.isascii() else text
-    return _NOT_WORD.sub(" ", text.casefold()).strip()
+    if text.isascii():
+        # A byte table and split() do what the expression does, ~4x faster (near-dup hashing is a third of
+        # cleaning): runs of other characters become one space, none at the ends.
+        return " ".join(text.lower().encode("ascii").translate(_ASCII_NOT_WORD).decode("ascii").split())
+    return _NOT_WORD.sub(" ", unicodedata.normalize("NFKC", text).casefold()).strip()
 
 
 def _content_texts(record: dict) -> list[str]:

@@ -178,3 +178,17 @@ def test_prompt_prefix_hash_is_the_hash_of_the_prompts_first_characters():
         assert out["_pprefix"][i] == (hash64(prompt[:PREFIX_CHARS]) if prompt else 0)
         assert out["_phash"][i] == (hash64(prompt) if prompt else 0)
     assert out["_pprefix"][2] != out["_phash"][2]  # the long prompt really is cut
+
+
+def test_loose_key_ascii_path_equals_the_expression_on_every_ascii_character():
+    # Equivalence: the byte-table path for ASCII text vs the regular expression every other text goes through
+    # (exact: the near-duplicate hashes of existing data must not change).
+    import random
+    import re
+
+    reference = lambda t: re.sub(r"[\W_]+", " ", t.casefold()).strip()  # noqa: E731
+    rng = random.Random(0)
+    texts = ["".join(chr(rng.randrange(128)) for _ in range(rng.randrange(40))) for _ in range(3000)]
+    texts += [chr(c) * 3 for c in range(128)] + ["  What is a P-value?\n", "snake_case_name", "a\x00b\x7fc"]
+    assert all(t.isascii() for t in texts)
+    assert [loose_key(t) for t in texts] == [reference(t) for t in texts]
