@@ -359,10 +359,9 @@ def finish_batch(encoded: list, spans_per_doc: list[list[Span]], append_eos: np.
         lens = lens + append_eos
     begin = np.cumsum(lens) - lens
     labels[begin[lens > 0]] = IGNORE_INDEX  # FORMAT.md: a document's first token is never a target
-    raw_len, over = lens, lens > seq_len
-    n_tokens = lens
-    drop = np.zeros(n, dtype=object)
-    drop[:] = ""
+    raw_len = n_tokens = lens
+    over = lens > seq_len
+    drop = np.full(n, "", dtype=object)
     if over.any():
         if excess_length == "error":
             i = int(np.flatnonzero(over)[0])
