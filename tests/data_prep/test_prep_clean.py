@@ -192,3 +192,19 @@ def test_loose_key_ascii_path_equals_the_expression_on_every_ascii_character():
     texts += [chr(c) * 3 for c in range(128)] + ["  What is a P-value?\n", "snake_case_name", "a\x00b\x7fc"]
     assert all(t.isascii() for t in texts)
     assert [loose_key(t) for t in texts] == [reference(t) for t in texts]
+
+
+def test_hash64_hashes_the_text_json_dumps_writes():
+    # Equivalence: the hashes of existing data (dedup, splits, reports) must not move with how the JSON text
+    # is built: sha256 of json.dumps(ensure_ascii=False, sort_keys=True), first 8 bytes, little-endian signed.
+    import hashlib
+    import json
+
+    from data_prep.clean import hash64
+
+    values = ["plain", 'naïve 你好 "q" \\ \n\t\u0001', ["text", "x"],
+              [["user", "Hi", "", True], ["assistant", "A", "", False], ""],
+              {"b": 1, "a": [1.5, None, {"z": "ü", "y": -3}]}, [], "", 0, [True, False, None]]
+    for v in values:
+        digest = hashlib.sha256(json.dumps(v, ensure_ascii=False, sort_keys=True).encode("utf-8")).digest()
+        assert hash64(v) == int.from_bytes(digest[:8], "little", signed=True), v
