@@ -155,7 +155,8 @@ def core_ratios(data: Path, model: Path, tmp: Path, args, first_prep: dict) -> N
         prep = first_prep if pair == 0 else run_case(data, model, tmp / "out-core-pair", args.seq_len,
                                                       args.num_proc[0])
         core = run_case(data, model, tmp / "core", args.seq_len, 1, script=CORE)
-        ratios.append((prep["tokens_per_s"] / core["tokens_per_s"], prep["tokens_per_cpu_s"] / core["tokens_per_cpu_s"]))
+        ratios.append((prep["tokens_per_s"] / core["tokens_per_s"],
+                       prep["tokens_per_cpu_s"] / core["tokens_per_cpu_s"]))
         print(f"pair {pair}: prep {prep['seconds']:7.1f} s {prep['cpu_seconds']:7.1f} CPU s; core (render + tokenize, "
               f"1 process) tokens {core['tokens']:>9}  {core['seconds']:7.1f} s  {core['cpu_seconds']:7.1f} CPU s  "
               f"{core['tokens_per_s']:>8} tokens/s  {core['tokens_per_cpu_s']:>8} tokens/CPU-s; end to end / core: "
