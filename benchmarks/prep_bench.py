@@ -1,7 +1,7 @@
 """Prep throughput and peak memory, on the bundled sample and on a synthetic enlargement of it.
 
 Run by hand (not a test):  python benchmarks/prep_bench.py [--scales 1 100] [--num-proc 1 [2]] [--seq-len 512]
-[--core]
+[--core [--pairs K]]
 Before/after:  python benchmarks/prep_bench.py --scales 100 --baseline DIR [--pairs 3]
 (DIR: another checkout, e.g. `git worktree add /tmp/base main`; each pair runs the baseline's prep, then
 this checkout's, on the same data and tokenizer, and prints the ratios after/before.)
@@ -13,8 +13,9 @@ children every 20 ms and reports the high-water mark (the sum over the tree), th
 scale's wall and CPU rates are printed as ratios to the first value's (``--num-proc 1 2``: the scaling of
 data.num_proc 2; its wall ratio wants an otherwise idle machine). ``--core`` also times prep's core work on
 the largest scale's rows in one process: rendering the chat template and tokenizing (``Templater.render``
-+ ``encode_batch`` in batches of data.map_batch_size, on records cleaned beforehand, untimed), and prints
-end to end / core as a ratio of tokens/s and of tokens per CPU-second from the same run. The enlargement
++ ``encode_batch`` in batches of data.map_batch_size, on records cleaned beforehand, untimed), alternating
+with prep runs (``--pairs`` of them, the first being the scale's own run), and prints end to end / core as a
+ratio of tokens/s and of tokens per CPU-second for each pair and their median. The enlargement
 repeats every row with varied numbers and words, so deduplication keeps the copies and the work really
 grows with the scale.
 """
@@ -145,6 +146,28 @@ def compare(data: Path, model: Path, tmp: Path, args) -> None:
           f"({cpu[0]:.3f}-{cpu[-1]:.3f})")
 
 
+def core_ratios(data: Path, model: Path, tmp: Path, args, first_prep: dict) -> None:
+    """Time the core work on ``data`` after the prep run ``first_prep``, then ``--pairs`` - 1 more (prep, core)
+    pairs back to back; print each pair's end to end / core ratios and their median (the machine's speed
+    drifts between runs, so one pair says little)."""
+    ratios = []
+    for pair in range(max(1, args.pairs)):
+        prep = first_prep if pair == 0 else run_case(data, model, tmp / "out-core-pair", args.seq_len,
+                                                      args.num_proc[0])
+        core = run_case(data, model, tmp / "core", args.seq_len, 1, script=CORE)
+        ratios.append((prep["tokens_per_s"] / core["tokens_per_s"],
+                       prep["tokens_per_cpu_s"] / core["tokens_per_cpu_s"]))
+        print(f"pair {pair}: prep {prep['seconds']:7.1f} s {prep['cpu_seconds']:7.1f} CPU s; core (render + tokenize, "
+              f"1 process) tokens {core['tokens']:>9}  {core['seconds']:7.1f} s  {core['cpu_seconds']:7.1f} CPU s  "
+              f"{core['tokens_per_s']:>8} tokens/s  {core['tokens_per_cpu_s']:>8} tokens/CPU-s; end to end / core: "
+              f"{ratios[-1][0]:.3f} per wall second, {ratios[-1][1]:.3f} per CPU second; load average "
+              f"{os.getloadavg()[0]:.1f}", flush=True)
+    wall, cpu = sorted(r[0] for r in ratios), sorted(r[1] for r in ratios)
+    print(f"end to end / core, median (min-max) over {len(ratios)} pairs: per wall second {wall[len(wall) // 2]:.3f} "
+          f"({wall[0]:.3f}-{wall[-1]:.3f}), per CPU second {cpu[len(cpu) // 2]:.3f} ({cpu[0]:.3f}-{cpu[-1]:.3f})",
+          flush=True)
+
+
 def main() -> None:
     """Run the scales asked for and print one line each, then the marginal rate and the memory ratio."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -152,8 +175,10 @@ def main() -> None:
     parser.add_argument("--num-proc", type=int, nargs="+", default=[1])
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--baseline", help="another checkout to compare against (before/after pairs)")
-    parser.add_argument("--pairs", type=int, default=3)
-    parser.add_argument("--core", action="store_true", help="also time render + tokenize of the largest scale")
+    parser.add_argument("--pairs", type=int, default=3, help="before/after pairs with --baseline; (prep, core) "
+                        "pairs with --core")
+    parser.add_argument("--core", action="store_true", help="also time render + tokenize of the largest scale, "
+                        "alternating with prep --pairs times")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO_ROOT))
     # Inherited by every child: unset, num_proc 1 tokenizes on the fast tokenizer's Rust threads too (datasets'
@@ -186,11 +211,7 @@ def main() -> None:
                   f"{r['tokens_per_s'] / first['tokens_per_s']:.3f}x, rate per CPU-second "
                   f"{r['tokens_per_cpu_s'] / first['tokens_per_cpu_s']:.3f}x", flush=True)
         if args.core:
-            core = run_case(data, model, tmp / "core", args.seq_len, 1, script=CORE)
-            print(f"core (render + tokenize, 1 process) tokens {core['tokens']:>9}  {core['seconds']:7.1f} s  "
-                  f"{core['tokens_per_s']:>8} tokens/s  {core['tokens_per_cpu_s']:>8} tokens/CPU-s; end to end / core: "
-                  f"{results[-1]['tokens_per_s'] / core['tokens_per_s']:.3f} per wall second, "
-                  f"{results[-1]['tokens_per_cpu_s'] / core['tokens_per_cpu_s']:.3f} per CPU second", flush=True)
+            core_ratios(data, model, tmp, args, results[-1])
     if len(results) > 1:
         # Start-up (imports, tokenizer load, report) costs the same at every scale: the slope is the rate.
         d_tokens = results[-1]["tokens"] - results[0]["tokens"]

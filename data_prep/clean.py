@@ -26,6 +26,8 @@ PREFIX_CHARS = 200  # prompts sharing their first 200 characters share a context
 _TRAILING_SPACE = re.compile(r"[ \t]+\n")
 _MANY_BLANK_LINES = re.compile(r"\n{3,}")
 _NOT_WORD = re.compile(r"[\W_]+")
+# ASCII text, lowercased: letters and digits kept, every other byte a space (what _NOT_WORD matches there).
+_ASCII_NOT_WORD = bytes(c if chr(c).isascii() and chr(c).isalnum() else ord(" ") for c in range(256))
 BAD_ROW_EXAMPLES = 5  # bad rows named (file:line) in the report, per source
 
 
@@ -80,8 +82,11 @@ def dedup_key(text: str) -> str:
 def loose_key(text: str) -> str:
     """Text with compatibility forms folded and case, spacing and punctuation removed: rows equal under it
     are near-duplicates."""
-    text = unicodedata.normalize("NFKC", text) if not text.isascii() else text
-    return _NOT_WORD.sub(" ", text.casefold()).strip()
+    if text.isascii():
+        # A byte table and split() do what the expression does, ~4x faster (near-dup hashing is a third of
+        # cleaning): runs of other characters become one space, none at the ends.
+        return " ".join(text.lower().encode("ascii").translate(_ASCII_NOT_WORD).decode("ascii").split())
+    return _NOT_WORD.sub(" ", unicodedata.normalize("NFKC", text).casefold()).strip()
 
 
 def _content_texts(record: dict) -> list[str]:
@@ -90,13 +95,24 @@ def _content_texts(record: dict) -> list[str]:
     return [m["content"] + m["tool_calls"] for m in record["messages"]]
 
 
-# The encoder json.dumps(obj, ensure_ascii=False, sort_keys=True) builds on every call, built once.
+# The text of json.dumps(obj, ensure_ascii=False, sort_keys=True). JSONEncoder.encode builds a new C encoder
+# (and a dict for cycle checks) on every call; hashing three values per row, that was a fifth of the hash
+# cost, so the C encoder is built once where the interpreter has one (records come from JSON and Arrow:
+# they hold no cycles to check for).
 _JSON = json.JSONEncoder(ensure_ascii=False, sort_keys=True)
+_C_JSON = json.encoder.c_make_encoder and json.encoder.c_make_encoder(
+    None, _JSON.default, json.encoder.encode_basestring, None, ": ", ", ", True, False, True)
+
+
+def _json_text(obj) -> str:
+    if isinstance(obj, str):
+        return json.encoder.encode_basestring(obj)
+    return "".join(_C_JSON(obj, 0)) if _C_JSON else _JSON.encode(obj)
 
 
 def hash64(obj) -> int:
     """A stable signed 64-bit hash of a JSON-serialisable value (sha256 prefix)."""
-    digest = hashlib.sha256(_JSON.encode(obj).encode("utf-8")).digest()
+    digest = hashlib.sha256(_json_text(obj).encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "little", signed=True)
 
 

@@ -303,44 +303,83 @@ def _common_prefix(a: str, b: str) -> str:
 
 
 def labels_from_spans(ids, offsets: list[tuple[int, int]], spans: list[Span]) -> np.ndarray:
-    """Labels aligned with ids (an int32 array, or a list): the id where the token overlaps a supervised
-    span, else IGNORE_INDEX."""
-    ids_arr = np.asarray(ids, dtype=np.int32)  # tokenize_batch passes the array it built: no second copy
-    if not len(ids_arr):
-        return ids_arr
+    """Labels aligned with ids (an int32 array): the id where the token overlaps a supervised span, else
+    IGNORE_INDEX. One document's case of :func:`supervised_mask`."""
+    ids = np.asarray(ids, dtype=np.int32)
+    lens = np.array([len(ids)], dtype=np.int64)
+    mask = supervised_mask(_flat_offsets([offsets], len(ids)), lens, [spans])
+    return np.where(mask, ids, IGNORE_INDEX).astype(np.int32)
+
+
+def _flat_offsets(offsets_per_doc, total: int) -> np.ndarray:
+    """[total, 2] int64 character offsets of every token of the documents, in order."""
     # fromiter over the flattened pairs: np.asarray on a list of tuples costs ~10x more per token.
-    off = np.fromiter(itertools.chain.from_iterable(offsets), dtype=np.int64, count=2 * len(ids)).reshape(-1, 2)
-    starts, ends = off[:, 0], off[:, 1]
-    mask = np.zeros(len(ids_arr), dtype=bool)
-    for start, end in spans:
-        mask |= (starts < end) & (ends > start)
-    return np.where(mask, ids_arr, IGNORE_INDEX).astype(np.int32)
+    pairs = itertools.chain.from_iterable(itertools.chain.from_iterable(offsets_per_doc))
+    return np.fromiter(pairs, dtype=np.int64, count=2 * total).reshape(-1, 2)
 
 
-def finish_document(ids: np.ndarray, labels: np.ndarray, *, eos_id: int | None, seq_len: int,
-                    excess_length: str, where) -> dict:
-    """Append EOS (when ``eos_id`` is given), apply the first-token rule and the over-length rule.
+def supervised_mask(offsets: np.ndarray, lens: np.ndarray, spans_per_doc: list[list[Span]]) -> np.ndarray:
+    """Over the concatenated tokens of a batch of documents (``lens`` tokens each, character ``offsets`` into
+    their own text): True where a token overlaps one of its document's supervised spans."""
+    begin = np.cumsum(lens) - lens
+    count = np.fromiter((len(spans) for spans in spans_per_doc), dtype=np.int64, count=len(spans_per_doc))
+    mask = np.zeros(len(offsets), dtype=bool)
+    # The j-th span of every document that has one, against all of that document's tokens at once: the work
+    # of the per-token overlap test, with memory bounded by the batch's tokens.
+    for j in range(int(count.max(initial=0))):
+        docs = np.flatnonzero(count > j)
+        span = np.array([spans_per_doc[d][j] for d in docs], dtype=np.int64).reshape(-1, 2)
+        reps = lens[docs]
+        token = np.arange(int(reps.sum()), dtype=np.int64) + np.repeat(begin[docs] - (np.cumsum(reps) - reps), reps)
+        hit = (offsets[token, 0] < np.repeat(span[:, 1], reps)) & (offsets[token, 1] > np.repeat(span[:, 0], reps))
+        mask[token[hit]] = True
+    return mask
 
-    Returns one output row of :func:`tokenize_batch`; ``where()`` names the row for an error (called only
-    then: building the name of every row cost more than the rule itself).
+
+def finish_batch(encoded: list, spans_per_doc: list[list[Span]], append_eos: np.ndarray, *, eos_id: int,
+                 seq_len: int, excess_length: str, where) -> dict:
+    """Labels from the supervised spans, then per document: EOS appended where ``append_eos``, the
+    first-token rule, the over-length rule and the no-supervised-token drop, on the batch's tokens at once.
+
+    ``encoded`` holds (ids, offsets) per document; returns :func:`tokenize_batch`'s columns, a list per
+    column; ``where(i)`` names document i for an error (called only then).
     """
-    if eos_id is not None:
-        ids, labels = np.append(ids, np.int32(eos_id)), np.append(labels, np.int32(eos_id))
-    labels[:1] = IGNORE_INDEX  # FORMAT.md: a document's first token is never a target
-    raw_len, drop, truncated = len(ids), "", False
-    if raw_len > seq_len:
+    n = len(encoded)
+    if not n:
+        return {k: [] for k in ("input_ids", "labels", "n_tokens_raw", "n_tokens", "n_supervised", "truncated",
+                                "_drop2")}
+    lens = np.fromiter((len(ids) for ids, _ in encoded), dtype=np.int64, count=n)
+    total = int(lens.sum())
+    ids = np.fromiter(itertools.chain.from_iterable(ids for ids, _ in encoded), dtype=np.int32, count=total)
+    mask = supervised_mask(_flat_offsets((offsets for _, offsets in encoded), total), lens, spans_per_doc)
+    labels = np.where(mask, ids, IGNORE_INDEX).astype(np.int32)
+    if append_eos.any():  # after each such document's last token (np.insert keeps the order of equal indices)
+        at = np.cumsum(lens)[append_eos]
+        ids, labels = np.insert(ids, at, np.int32(eos_id)), np.insert(labels, at, np.int32(eos_id))
+        lens = lens + append_eos
+    begin = np.cumsum(lens) - lens
+    labels[begin[lens > 0]] = IGNORE_INDEX  # FORMAT.md: a document's first token is never a target
+    raw_len = n_tokens = lens
+    over = lens > seq_len
+    drop = np.full(n, "", dtype=object)
+    if over.any():
         if excess_length == "error":
-            raise DataError(f"{where()}: {raw_len} tokens after templating, more than data.seq_len {seq_len}; "
-                            f"raise data.seq_len, shorten the row, or set data.excess_length: truncate or drop")
+            i = int(np.flatnonzero(over)[0])
+            raise DataError(f"{where(i)}: {int(raw_len[i])} tokens after templating, more than data.seq_len "
+                            f"{seq_len}; raise data.seq_len, shorten the row, or set data.excess_length: truncate "
+                            f"or drop")
         if excess_length == "drop":
-            drop = "too_long"
-        else:
-            ids, labels, truncated = ids[:seq_len], labels[:seq_len], True
-    n_supervised = int((labels != IGNORE_INDEX).sum())
-    if not drop and n_supervised == 0:
-        drop = "no_supervised_tokens"
-    return {"input_ids": ids, "labels": labels, "n_tokens_raw": raw_len, "n_tokens": len(ids),
-            "n_supervised": n_supervised, "truncated": truncated, "_drop2": drop}
+            drop[over] = "too_long"
+        else:  # truncate: every document's tokens past seq_len go
+            keep = np.arange(int(lens.sum())) - np.repeat(begin, lens) < seq_len
+            ids, labels, n_tokens = ids[keep], labels[keep], np.minimum(lens, seq_len)
+    ends = np.cumsum(n_tokens)
+    supervised = np.concatenate([[0], np.cumsum(labels != IGNORE_INDEX)])
+    n_supervised = supervised[ends] - supervised[ends - n_tokens]
+    drop[(drop == "") & (n_supervised == 0)] = "no_supervised_tokens"
+    return {"input_ids": np.split(ids, ends[:-1]), "labels": np.split(labels, ends[:-1]),
+            "n_tokens_raw": raw_len.tolist(), "n_tokens": n_tokens.tolist(), "n_supervised": n_supervised.tolist(),
+            "truncated": (over & (excess_length == "truncate")).tolist(), "_drop2": drop.tolist()}
 
 
 def tokenize_batch(batch: dict, *, templater: Templater, seq_len: int, excess_length: str, where) -> dict:
@@ -358,20 +397,13 @@ def tokenize_batch(batch: dict, *, templater: Templater, seq_len: int, excess_le
             rendered.append(templater.render({"messages": messages[i], "tools": tools[i], "text": text[i]}))
         except DataError as exc:
             raise DataError(f"{where(src[i], row[i])}: {exc}") from None
-    text_rows = [not m for m in messages]
-    encoded = templater.encode_batch(rendered, text_rows)
-    out = {k: [] for k in ("input_ids", "labels", "n_tokens_raw", "n_tokens", "n_supervised", "truncated",
-                           "special_text", "_drop2")}
-    for i, (r, (ids, offsets)) in enumerate(zip(rendered, encoded)):
-        ids = np.fromiter(ids, dtype=np.int32, count=len(ids))
-        doc = finish_document(
-            ids, labels_from_spans(ids, offsets, r.spans),
-            eos_id=templater.tok.eos_token_id if r.append_eos else None, seq_len=seq_len,
-            excess_length=excess_length, where=lambda i=i: where(src[i], row[i]))
-        doc["special_text"] = r.data_spans is not None
-        for key, value in doc.items():
-            out[key].append(value)
-    return out
+    encoded = templater.encode_batch(rendered, [not m for m in messages])
+    append_eos = np.fromiter((r.append_eos for r in rendered), dtype=bool, count=len(rendered))
+    out = finish_batch(encoded, [r.spans for r in rendered], append_eos, eos_id=templater.tok.eos_token_id,
+                       seq_len=seq_len, excess_length=excess_length, where=lambda i: where(src[i], row[i]))
+    out["special_text"] = [r.data_spans is not None for r in rendered]
+    return {k: out[k] for k in ("input_ids", "labels", "n_tokens_raw", "n_tokens", "n_supervised", "truncated",
+                                "special_text", "_drop2")}
 
 
 SKIPPED = "skipped"  # _drop2 of a row that an earlier stage dropped (tokenize_kept leaves it empty)

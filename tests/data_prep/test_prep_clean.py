@@ -178,3 +178,33 @@ def test_prompt_prefix_hash_is_the_hash_of_the_prompts_first_characters():
         assert out["_pprefix"][i] == (hash64(prompt[:PREFIX_CHARS]) if prompt else 0)
         assert out["_phash"][i] == (hash64(prompt) if prompt else 0)
     assert out["_pprefix"][2] != out["_phash"][2]  # the long prompt really is cut
+
+
+def test_loose_key_ascii_path_equals_the_expression_on_every_ascii_character():
+    # Equivalence: the byte-table path for ASCII text vs the regular expression every other text goes through
+    # (exact: the near-duplicate hashes of existing data must not change).
+    import random
+    import re
+
+    reference = lambda t: re.sub(r"[\W_]+", " ", t.casefold()).strip()  # noqa: E731
+    rng = random.Random(0)
+    texts = ["".join(chr(rng.randrange(128)) for _ in range(rng.randrange(40))) for _ in range(3000)]
+    texts += [chr(c) * 3 for c in range(128)] + ["  What is a P-value?\n", "snake_case_name", "a\x00b\x7fc"]
+    assert all(t.isascii() for t in texts)
+    assert [loose_key(t) for t in texts] == [reference(t) for t in texts]
+
+
+def test_hash64_hashes_the_text_json_dumps_writes():
+    # Equivalence: the hashes of existing data (dedup, splits, reports) must not move with how the JSON text
+    # is built: sha256 of json.dumps(ensure_ascii=False, sort_keys=True), first 8 bytes, little-endian signed.
+    import hashlib
+    import json
+
+    from data_prep.clean import hash64
+
+    values = ["plain", 'naïve 你好 "q" \\ \n\t\u0001', ["text", "x"],
+              [["user", "Hi", "", True], ["assistant", "A", "", False], ""],
+              {"b": 1, "a": [1.5, None, {"z": "ü", "y": -3}]}, [], "", 0, [True, False, None]]
+    for v in values:
+        digest = hashlib.sha256(json.dumps(v, ensure_ascii=False, sort_keys=True).encode("utf-8")).digest()
+        assert hash64(v) == int.from_bytes(digest[:8], "little", signed=True), v

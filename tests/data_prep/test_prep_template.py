@@ -168,3 +168,58 @@ def test_token_table_is_the_table_datasets_writes(tok):
     expected = datasets.Dataset.from_dict(out, features=token_features()).data.table
     assert token_table(out).equals(expected)
     assert token_table(out).column("input_ids").to_pylist()[1] == []
+
+
+def _finish_one_by_one(ids, offsets, spans, append_eos, eos_id, seq_len, excess):
+    """Reference for finish_batch: one document, token by token."""
+    labels = [t if any(a < e and b > s for s, e in spans for a, b in [off]) else IGNORE_INDEX
+              for t, off in zip(ids, offsets)]
+    ids = list(ids)
+    if append_eos:
+        ids, labels = ids + [eos_id], labels + [eos_id]
+    labels[:1] = [IGNORE_INDEX] * len(labels[:1])
+    raw, drop, truncated = len(ids), "", False
+    if raw > seq_len and excess == "drop":
+        drop = "too_long"
+    elif raw > seq_len:
+        ids, labels, truncated = ids[:seq_len], labels[:seq_len], True
+    n_sup = sum(l != IGNORE_INDEX for l in labels)
+    return {"input_ids": ids, "labels": labels, "n_tokens_raw": raw, "n_tokens": len(ids), "n_supervised": n_sup,
+            "truncated": truncated, "_drop2": drop or ("" if n_sup else "no_supervised_tokens")}
+
+
+@pytest.mark.parametrize("excess", ["truncate", "drop"])
+def test_finish_batch_equals_finishing_each_document_alone(excess):
+    # Equivalence (exact, integers): the whole batch's labels, EOS, first-token and length rules at once vs one
+    # document at a time. Offsets are random, not monotone, and overlap spans of any count, empty documents
+    # included, so the overlap test is checked for every token-span pair.
+    from data_prep.template import finish_batch
+
+    rng = np.random.default_rng(0)
+    docs = []
+    for _ in range(300):
+        n = int(rng.choice([0, 1, 2, int(rng.integers(3, 40))]))
+        starts = rng.integers(0, 60, n)
+        offsets = [(int(a), int(a + rng.integers(0, 5))) for a in starts]
+        spans = [tuple(sorted(map(int, rng.integers(0, 64, 2)))) for _ in range(int(rng.integers(0, 4)))]
+        docs.append((rng.integers(5, 100, n).tolist(), offsets, spans, bool(rng.integers(0, 2))))
+    seq_len, eos = 20, 2
+    out = finish_batch([(ids, off) for ids, off, _, _ in docs], [s for _, _, s, _ in docs],
+                       np.array([a for *_, a in docs]), eos_id=eos, seq_len=seq_len, excess_length=excess,
+                       where=lambda i: f"row {i}")
+    assert len(out["input_ids"]) == len(docs)
+    for i, (ids, off, spans, append) in enumerate(docs):
+        want = _finish_one_by_one(ids, off, spans, append, eos, seq_len, excess)
+        got = {k: _plain(v[i]) for k, v in out.items()}
+        assert got == want, i
+    assert {d for d in out["_drop2"]} >= {"", "no_supervised_tokens"}
+    assert any(out["truncated"]) == (excess == "truncate") and ("too_long" in out["_drop2"]) == (excess == "drop")
+
+
+def test_finish_batch_names_the_first_over_length_document():
+    from data_prep.template import finish_batch
+
+    encoded = [([5, 6], [(0, 1), (1, 2)]), ([5] * 9, [(0, 1)] * 9), ([5] * 12, [(0, 1)] * 12)]
+    with pytest.raises(DataError, match=r"^row 1: 10 tokens after templating, more than data.seq_len 8"):
+        finish_batch(encoded, [[(0, 2)]] * 3, np.array([True, True, False]), eos_id=2, seq_len=8,
+                     excess_length="error", where=lambda i: f"row {i}")
