@@ -57,7 +57,9 @@ from pathlib import Path
 from data_prep.clean import Normalizer, clean_batch
 from data_prep.config import DataConfig
 from data_prep.pipeline import load_tokenizer, make_templater
+from data_prep.procs import one_tokenizer_thread
 from data_prep.readers import Source, resolve_columns, source_settings
+one_tokenizer_thread().__enter__()  # the tokenizer threads prep itself runs with, for a like-for-like rate
 cfg = DataConfig(**json.loads(sys.argv[1]))
 tok = load_tokenizer(sys.argv[2])
 with open(cfg.sources[0], newline="", encoding="utf-8") as fh:
@@ -172,7 +174,8 @@ def main() -> None:
     """Run the scales asked for and print one line each, then the marginal rate and the memory ratio."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scales", type=int, nargs="+", default=[1, 100])
-    parser.add_argument("--num-proc", type=int, nargs="+", default=[1])
+    parser.add_argument("--num-proc", type=lambda v: v if v == "auto" else int(v), nargs="+", default=[1],
+                        help="data.num_proc values to run each scale with (ints or auto)")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--baseline", help="another checkout to compare against (before/after pairs)")
     parser.add_argument("--pairs", type=int, default=3, help="before/after pairs with --baseline; (prep, core) "
@@ -181,8 +184,8 @@ def main() -> None:
                         "alternating with prep --pairs times")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO_ROOT))
-    # Inherited by every child: unset, num_proc 1 tokenizes on the fast tokenizer's Rust threads too (datasets'
-    # worker processes turn them off); "false" runs every side on one thread per process.
+    # Inherited by every child: unset, prep and the core script alike tokenize on one thread per process
+    # (data_prep.procs.one_tokenizer_thread); set, both follow it.
     print(f"TOKENIZERS_PARALLELISM={os.environ.get('TOKENIZERS_PARALLELISM', '(unset)')}", flush=True)
     from training.tiny_model import write_tiny_model
 
