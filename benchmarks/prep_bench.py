@@ -52,14 +52,17 @@ print("RESULT", json.dumps({"seconds": time.perf_counter() - t0, "cpu_seconds": 
 """
 
 CORE = """
-import csv, json, sys, time, types
+import csv, json, os, sys, time, types
 from pathlib import Path
 from data_prep.clean import Normalizer, clean_batch
 from data_prep.config import DataConfig
 from data_prep.pipeline import load_tokenizer, make_templater
 from data_prep.procs import one_tokenizer_thread
 from data_prep.readers import Source, resolve_columns, source_settings
-one_tokenizer_thread().__enter__()  # the tokenizer threads prep itself runs with, for a like-for-like rate
+# The tokenizer threads prep itself runs with, for a like-for-like rate (held: a discarded context manager
+# would restore the environment when collected).
+threads = one_tokenizer_thread()
+threads.__enter__()
 cfg = DataConfig(**json.loads(sys.argv[1]))
 tok = load_tokenizer(sys.argv[2])
 with open(cfg.sources[0], newline="", encoding="utf-8") as fh:
@@ -78,7 +81,7 @@ for group in records:
     rendered = [templater.render(r) for r in group]
     tokens += sum(len(ids) for ids, _ in templater.encode_batch(rendered, [not r["messages"] for r in group]))
 print("RESULT", json.dumps({"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
-      "tokens": tokens}))
+      "tokens": tokens, "tokenizers_parallelism": os.environ.get("TOKENIZERS_PARALLELISM")}))
 """
 
 
@@ -161,7 +164,8 @@ def core_ratios(data: Path, model: Path, tmp: Path, args, first_prep: dict) -> N
                        prep["tokens_per_cpu_s"] / core["tokens_per_cpu_s"]))
         print(f"pair {pair}: prep {prep['seconds']:7.1f} s {prep['cpu_seconds']:7.1f} CPU s; core (render + tokenize, "
               f"1 process) tokens {core['tokens']:>9}  {core['seconds']:7.1f} s  {core['cpu_seconds']:7.1f} CPU s  "
-              f"{core['tokens_per_s']:>8} tokens/s  {core['tokens_per_cpu_s']:>8} tokens/CPU-s; end to end / core: "
+              f"{core['tokens_per_s']:>8} tokens/s  {core['tokens_per_cpu_s']:>8} tokens/CPU-s (TOKENIZERS_PARALLELISM="
+              f"{core['tokenizers_parallelism']}); end to end / core: "
               f"{ratios[-1][0]:.3f} per wall second, {ratios[-1][1]:.3f} per CPU second; load average "
               f"{os.getloadavg()[0]:.1f}", flush=True)
     wall, cpu = sorted(r[0] for r in ratios), sorted(r[1] for r in ratios)
