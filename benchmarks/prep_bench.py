@@ -1,7 +1,7 @@
 """Prep throughput and peak memory, on the bundled sample and on a synthetic enlargement of it.
 
 Run by hand (not a test):  python benchmarks/prep_bench.py [--scales 1 100] [--num-proc 1 [2]] [--seq-len 512]
-[--core [--pairs K]]
+[--core [--pairs K] [--beside]]
 Before/after:  python benchmarks/prep_bench.py --scales 100 --baseline DIR [--pairs 3]
 (DIR: another checkout, e.g. `git worktree add /tmp/base main`; each pair runs the baseline's prep, then
 this checkout's, on the same data and tokenizer, and prints the ratios after/before.)
@@ -15,7 +15,9 @@ data.num_proc 2; its wall ratio wants an otherwise idle machine). ``--core`` als
 the largest scale's rows in one process: rendering the chat template and tokenizing (``Templater.render``
 + ``encode_batch`` in batches of data.map_batch_size, on records cleaned beforehand, untimed), alternating
 with prep runs (``--pairs`` of them, the first being the scale's own run), and prints end to end / core as a
-ratio of tokens/s and of tokens per CPU-second for each pair and their median. The enlargement
+ratio of tokens/s and of tokens per CPU-second for each pair and their median. ``--beside`` runs the core
+work over and over next to each prep instead (one process each, so on 2+ cores), so both meet the same
+moments of a machine whose speed drifts. The enlargement
 repeats every row with varied numbers and words, so deduplication keeps the copies and the work really
 grows with the scale.
 """
@@ -105,16 +107,57 @@ def enlarge(src: Path, dst: Path, scale: int) -> int:
     return written
 
 
-def run_case(data: Path, model: Path, out: Path, seq_len: int, num_proc: int, code_root: Path = REPO_ROOT,
-             script: str = CHILD) -> dict:
-    """Prepare ``data`` in a child process running the prep code of ``code_root`` (or time the core work,
-    script=CORE); return its timing (wall and CPU seconds of the main process), tokens and the tree's peak
-    RSS."""
+def _launch(script: str, data: Path, model: Path, out: Path, seq_len: int, num_proc, code_root: Path):
     cfg = {"sources": [str(data)], "output_dir": str(out), "seq_len": seq_len, "prompt_column": "question",
            "response_column": "answer", "num_proc": num_proc, "validation_fraction": 0.1, "test_fraction": 0.1}
     env = {**os.environ, "PYTHONPATH": str(code_root)}
-    proc = subprocess.Popen([sys.executable, "-c", script, json.dumps(cfg), str(model)], cwd=code_root, env=env,
+    return subprocess.Popen([sys.executable, "-c", script, json.dumps(cfg), str(model)], cwd=code_root, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+
+def _result(proc) -> dict:
+    stdout = proc.stdout.read()
+    if proc.wait() != 0:
+        raise SystemExit(f"prep failed (exit {proc.returncode}):\n{stdout[-2000:]}")
+    result = json.loads(next(l for l in stdout.splitlines() if l.startswith("RESULT"))[len("RESULT "):])
+    result["tokens_per_s"] = round(result["tokens"] / result["seconds"])
+    result["tokens_per_cpu_s"] = round(result["tokens"] / result["cpu_seconds"])
+    return result
+
+
+class CoreBeside:
+    """The core script run again and again in its own process while a prep runs (``--core --beside``): the
+    two share the same moments of the machine, so its drifting speed cancels in their ratio, and prep never
+    runs alone. The core's rate is that of its completed runs; the one still going when prep ends is
+    stopped and left out."""
+
+    def __init__(self, data: Path, model: Path, out: Path, seq_len: int):
+        self.args, self.proc, self.runs = (CORE, data, model, out, seq_len, 1, REPO_ROOT), None, []
+
+    def poll(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            self.runs.append(_result(self.proc))
+            self.proc = None
+        if self.proc is None:
+            self.proc = _launch(*self.args)
+
+    def stop(self) -> dict:
+        self.proc.kill()
+        self.proc.wait()
+        if not self.runs:
+            raise SystemExit("no core run finished beside prep: use a larger --scales")
+        total = {k: sum(r[k] for r in self.runs) for k in ("tokens", "seconds", "cpu_seconds")}
+        return {**total, "runs": len(self.runs), "tokenizers_parallelism": self.runs[0]["tokenizers_parallelism"],
+                "tokens_per_s": round(total["tokens"] / total["seconds"]),
+                "tokens_per_cpu_s": round(total["tokens"] / total["cpu_seconds"])}
+
+
+def run_case(data: Path, model: Path, out: Path, seq_len: int, num_proc, code_root: Path = REPO_ROOT,
+             script: str = CHILD, beside: CoreBeside | None = None) -> dict:
+    """Prepare ``data`` in a child process running the prep code of ``code_root`` (or time the core work,
+    script=CORE); return its timing (wall and CPU seconds of the main process), tokens and the tree's peak
+    RSS (the tree of the prep process only, when ``beside`` runs the core next to it)."""
+    proc = _launch(script, data, model, out, seq_len, num_proc, code_root)
     peak_bytes, ps = 0, psutil.Process(proc.pid)
     while proc.poll() is None:
         try:
@@ -122,14 +165,11 @@ def run_case(data: Path, model: Path, out: Path, seq_len: int, num_proc: int, co
             peak_bytes = max(peak_bytes, sum(p.memory_info().rss for p in tree if p.is_running()))
         except psutil.Error:
             pass
+        if beside is not None:
+            beside.poll()
         time.sleep(0.02)
-    stdout = proc.stdout.read()
-    if proc.returncode != 0:
-        raise SystemExit(f"prep failed (exit {proc.returncode}):\n{stdout[-2000:]}")
-    result = json.loads(next(l for l in stdout.splitlines() if l.startswith("RESULT"))[len("RESULT "):])
+    result = _result(proc)
     result["peak_rss_mib"] = round(peak_bytes / 2**20, 1)
-    result["tokens_per_s"] = round(result["tokens"] / result["seconds"])
-    result["tokens_per_cpu_s"] = round(result["tokens"] / result["cpu_seconds"])
     return result
 
 
@@ -153,21 +193,27 @@ def compare(data: Path, model: Path, tmp: Path, args) -> None:
 
 def core_ratios(data: Path, model: Path, tmp: Path, args, first_prep: dict) -> None:
     """Time the core work on ``data`` after the prep run ``first_prep``, then ``--pairs`` - 1 more (prep, core)
-    pairs back to back; print each pair's end to end / core ratios and their median (the machine's speed
-    drifts between runs, so one pair says little)."""
+    pairs back to back (with ``--beside``: ``--pairs`` preps, each with the core running beside it); print
+    each pair's end to end / core ratios and their median (the machine's speed drifts between runs, so one
+    pair says little)."""
     ratios = []
     for pair in range(max(1, args.pairs)):
-        prep = first_prep if pair == 0 else run_case(data, model, tmp / "out-core-pair", args.seq_len,
-                                                      args.num_proc[0])
-        core = run_case(data, model, tmp / "core", args.seq_len, 1, script=CORE)
+        if args.beside:
+            beside = CoreBeside(data, model, tmp / "core", args.seq_len)
+            prep = run_case(data, model, tmp / "out-core-pair", args.seq_len, args.num_proc[0], beside=beside)
+            core = beside.stop()
+        else:
+            prep = first_prep if pair == 0 else run_case(data, model, tmp / "out-core-pair", args.seq_len,
+                                                          args.num_proc[0])
+            core = run_case(data, model, tmp / "core", args.seq_len, 1, script=CORE)
         ratios.append((prep["tokens_per_s"] / core["tokens_per_s"],
                        prep["tokens_per_cpu_s"] / core["tokens_per_cpu_s"]))
         print(f"pair {pair}: prep {prep['seconds']:7.1f} s {prep['cpu_seconds']:7.1f} CPU s; core (render + tokenize, "
-              f"1 process) tokens {core['tokens']:>9}  {core['seconds']:7.1f} s  {core['cpu_seconds']:7.1f} CPU s  "
+              f"1 process{', ' + str(core['runs']) + ' runs beside prep' if args.beside else ''}) tokens "
+              f"{core['tokens']:>9}  {core['seconds']:7.1f} s  {core['cpu_seconds']:7.1f} CPU s  "
               f"{core['tokens_per_s']:>8} tokens/s  {core['tokens_per_cpu_s']:>8} tokens/CPU-s (TOKENIZERS_PARALLELISM="
-              f"{core['tokenizers_parallelism']}); end to end / core: "
-              f"{ratios[-1][0]:.3f} per wall second, {ratios[-1][1]:.3f} per CPU second; load average "
-              f"{os.getloadavg()[0]:.1f}", flush=True)
+              f"{core['tokenizers_parallelism']}); end to end / core: {ratios[-1][0]:.3f} per wall second, "
+              f"{ratios[-1][1]:.3f} per CPU second; load average {os.getloadavg()[0]:.1f}", flush=True)
     wall, cpu = sorted(r[0] for r in ratios), sorted(r[1] for r in ratios)
     print(f"end to end / core, median (min-max) over {len(ratios)} pairs: per wall second {wall[len(wall) // 2]:.3f} "
           f"({wall[0]:.3f}-{wall[-1]:.3f}), per CPU second {cpu[len(cpu) // 2]:.3f} ({cpu[0]:.3f}-{cpu[-1]:.3f})",
@@ -186,6 +232,8 @@ def main() -> None:
                         "pairs with --core")
     parser.add_argument("--core", action="store_true", help="also time render + tokenize of the largest scale, "
                         "alternating with prep --pairs times")
+    parser.add_argument("--beside", action="store_true", help="with --core: run the core work beside each prep "
+                        "(one process each, on a machine with 2+ cores) instead of after it")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO_ROOT))
     # Inherited by every child: unset, prep and the core script alike tokenize on one thread per process
