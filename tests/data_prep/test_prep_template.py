@@ -168,6 +168,11 @@ def test_token_table_is_the_table_datasets_writes(tok):
     expected = datasets.Dataset.from_dict(out, features=token_features()).data.table
     assert token_table(out).equals(expected)
     assert token_table(out).column("input_ids").to_pylist()[1] == []
+    # A batch whose rows are all kept keeps its token columns flat (Ragged); written as they are, the same table.
+    whole = tokenize_kept(_batch("prompt_response", records), list(range(5)), keep=np.ones(5, bool),
+                          templater=t, seq_len=16, excess_length="truncate", where=lambda s, r: f"row {r}")
+    as_lists = {k: list(v) for k, v in whole.items()}
+    assert token_table(whole).equals(datasets.Dataset.from_dict(as_lists, features=token_features()).data.table)
 
 
 def _finish_one_by_one(ids, offsets, spans, append_eos, eos_id, seq_len, excess):
