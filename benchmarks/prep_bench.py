@@ -191,7 +191,7 @@ def compare(data: Path, model: Path, tmp: Path, args) -> None:
           f"({cpu[0]:.3f}-{cpu[-1]:.3f})")
 
 
-def core_ratios(data: Path, model: Path, tmp: Path, args, first_prep: dict) -> None:
+def core_ratios(data: Path, model: Path, tmp: Path, args, first_prep: dict | None) -> None:
     """Time the core work on ``data`` after the prep run ``first_prep``, then ``--pairs`` - 1 more (prep, core)
     pairs back to back (with ``--beside``: ``--pairs`` preps, each with the core running beside it); print
     each pair's end to end / core ratios and their median (the machine's speed drifts between runs, so one
@@ -252,6 +252,9 @@ def main() -> None:
         for scale in args.scales:
             data = tmp / f"x{scale}.csv"
             rows = enlarge(SAMPLE, data, scale)
+            if args.core and args.beside and scale == args.scales[-1]:
+                print(f"scale {scale:>4}x  rows {rows:>7}: its preps run in the pairs below", flush=True)
+                break
             by_procs = {}
             for procs in args.num_proc:
                 by_procs[procs] = r = run_case(data, model, tmp / f"out{scale}", args.seq_len, procs)
@@ -260,13 +263,13 @@ def main() -> None:
                       f"tokens/s  {r['tokens_per_cpu_s']:>8} tokens/CPU-s  peak RSS {r['peak_rss_mib']:7.1f} MiB  "
                       f"load average {os.getloadavg()[0]:.1f}", flush=True)
             results.append(by_procs[args.num_proc[0]])
-        first = by_procs[args.num_proc[0]]
-        for procs, r in list(by_procs.items())[1:]:
+        first = by_procs[args.num_proc[0]] if results else {}
+        for procs, r in list(by_procs.items())[1:] if results else []:
             print(f"num_proc {procs} / num_proc {args.num_proc[0]} at {args.scales[-1]}x: wall rate "
                   f"{r['tokens_per_s'] / first['tokens_per_s']:.3f}x, rate per CPU-second "
                   f"{r['tokens_per_cpu_s'] / first['tokens_per_cpu_s']:.3f}x", flush=True)
         if args.core:
-            core_ratios(data, model, tmp, args, results[-1])
+            core_ratios(data, model, tmp, args, None if args.beside else results[-1])
     if len(results) > 1:
         # Start-up (imports, tokenizer load, report) costs the same at every scale: the slope is the rate.
         d_tokens = results[-1]["tokens"] - results[0]["tokens"]
