@@ -303,13 +303,8 @@ def _common_prefix(a: str, b: str) -> str:
     return a[:k]
 
 
-def labels_from_spans(ids, offsets: list[tuple[int, int]], spans: list[Span]) -> np.ndarray:
-    """Labels aligned with ids (an int32 array): the id where the token overlaps a supervised span, else
-    IGNORE_INDEX. One document's case of :func:`supervised_mask`."""
-    ids = np.asarray(ids, dtype=np.int32)
-    lens = np.array([len(ids)], dtype=np.int64)
-    mask = supervised_mask(_flat_offsets([offsets], len(ids)), lens, [spans])
-    return np.where(mask, ids, IGNORE_INDEX).astype(np.int32)
+TOKEN_COLUMNS = ("input_ids", "labels", "n_tokens_raw", "n_tokens", "n_supervised", "truncated", "special_text",
+                 "_drop2")  # tokenize_batch's output, in token_features' order
 
 
 def _flat_offsets(offsets_per_doc, total: int) -> np.ndarray:
@@ -345,6 +340,13 @@ class Ragged(Sequence):
     def __init__(self, flat: np.ndarray, ends: np.ndarray):
         self.flat, self.ends = flat, ends
 
+    @classmethod
+    def of(cls, arrays) -> "Ragged":
+        """The documents of a list of int arrays, copied into one."""
+        lens = np.fromiter((len(a) for a in arrays), dtype=np.int64, count=len(arrays))
+        flat = np.concatenate(arrays).astype(np.int32) if len(arrays) else np.zeros(0, dtype=np.int32)
+        return cls(flat, np.cumsum(lens))
+
     def __len__(self) -> int:
         return len(self.ends)
 
@@ -366,8 +368,7 @@ def finish_batch(encoded: list, spans_per_doc: list[list[Span]], append_eos: np.
     """
     n = len(encoded)
     if not n:
-        return {k: [] for k in ("input_ids", "labels", "n_tokens_raw", "n_tokens", "n_supervised", "truncated",
-                                "_drop2")}
+        return {k: [] for k in TOKEN_COLUMNS if k != "special_text"}
     lens = np.fromiter((len(ids) for ids, _ in encoded), dtype=np.int64, count=n)
     total = int(lens.sum())
     ids = np.fromiter(itertools.chain.from_iterable(ids for ids, _ in encoded), dtype=np.int32, count=total)
@@ -422,8 +423,7 @@ def tokenize_batch(batch: dict, *, templater: Templater, seq_len: int, excess_le
     out = finish_batch(encoded, [r.spans for r in rendered], append_eos, eos_id=templater.tok.eos_token_id,
                        seq_len=seq_len, excess_length=excess_length, where=lambda i: where(src[i], row[i]))
     out["special_text"] = [r.data_spans is not None for r in rendered]
-    return {k: out[k] for k in ("input_ids", "labels", "n_tokens_raw", "n_tokens", "n_supervised", "truncated",
-                                "special_text", "_drop2")}
+    return {k: out[k] for k in TOKEN_COLUMNS}
 
 
 SKIPPED = "skipped"  # _drop2 of a row that an earlier stage dropped (tokenize_kept leaves it empty)
@@ -436,10 +436,9 @@ def tokenize_kept(batch: dict, indices: list[int], *, keep: np.ndarray, **kwargs
     picked = np.flatnonzero(keep[np.asarray(indices, dtype=np.int64)]).tolist()
     if len(picked) == len(indices):
         return tokenize_batch(batch, **kwargs)
-    empty = np.zeros(0, dtype=np.int32)
-    out = {"input_ids": [empty] * len(indices), "labels": [empty] * len(indices), "n_tokens_raw": [0] * len(indices),
-           "n_tokens": [0] * len(indices), "n_supervised": [0] * len(indices), "truncated": [False] * len(indices),
-           "special_text": [False] * len(indices), "_drop2": [SKIPPED] * len(indices)}
+    empty = {"input_ids": np.zeros(0, dtype=np.int32), "labels": np.zeros(0, dtype=np.int32), "n_tokens_raw": 0,
+             "n_tokens": 0, "n_supervised": 0, "truncated": False, "special_text": False, "_drop2": SKIPPED}
+    out = {k: [empty[k]] * len(indices) for k in TOKEN_COLUMNS}
     if picked:
         done = tokenize_batch({k: [v[i] for i in picked] for k, v in batch.items()}, **kwargs)
         for key, values in done.items():
@@ -457,15 +456,11 @@ def token_table(out: dict):
     columns = []
     for field in schema:
         values = out[field.name]
-        if isinstance(values, Ragged):
+        if pa.types.is_list(field.type):
+            values = values if isinstance(values, Ragged) else Ragged.of(values)
             offsets = np.concatenate([[0], values.ends]).astype(np.int32)
             flat = pa.array(values.flat.astype(np.int32, copy=False))
             columns.append(pa.ListArray.from_arrays(pa.array(offsets), flat).cast(field.type))
-        elif pa.types.is_list(field.type):
-            lens = np.fromiter((len(v) for v in values), dtype=np.int32, count=len(values))
-            offsets = np.concatenate([[0], np.cumsum(lens, dtype=np.int64)]).astype(np.int32)
-            flat = np.concatenate(values).astype(np.int32) if len(values) else np.zeros(0, dtype=np.int32)
-            columns.append(pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat)).cast(field.type))
         else:
             columns.append(pa.array(values, type=field.type))
     return pa.Table.from_arrays(columns, schema=schema)

@@ -7,7 +7,7 @@ from data_prep.config import DataConfig
 from data_prep.records import Columns, to_record
 from data_prep.errors import DataError
 from data_prep.format import IGNORE_INDEX
-from data_prep.template import SKIPPED, Templater, labels_from_spans, tokenize_batch, tokenize_kept
+from data_prep.template import SKIPPED, Templater, supervised_mask, tokenize_batch, tokenize_kept
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,8 @@ def _tokenize(tok, cfg, kind, records, seq_len=256, excess="truncate"):
 
 
 def test_labels_from_spans_overlap_rule():
-    labels = labels_from_spans([1, 2, 3, 4], [(0, 3), (3, 6), (6, 9), (9, 12)], [(5, 9)])
+    ids, offsets = np.array([1, 2, 3, 4]), np.array([(0, 3), (3, 6), (6, 9), (9, 12)])
+    labels = np.where(supervised_mask(offsets, np.array([4]), [[(5, 9)]]), ids, IGNORE_INDEX)
     assert labels.tolist() == [IGNORE_INDEX, 2, 3, IGNORE_INDEX]
 
 
